@@ -1,0 +1,44 @@
+"""bnctl: explicit, per-layer control over BatchNorm in PyTorch.
+
+PyTorch's ``module.training`` decides both which statistics normalize a
+BatchNorm layer and whether its running statistics are updated. bnctl makes
+each of these an explicit, reversible choice per layer: a :class:`Policy`.
+"""
+
+from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
+from .functional import Accumulator, batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass
+from .policy import (
+    PRESETS,
+    Mode,
+    Policy,
+    get_policy,
+    momentum_from_decay,
+    momentum_from_half_life,
+    resolve_mode,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accumulator",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "Mode",
+    "PRESETS",
+    "Policy",
+    "PolicyHandle",
+    "apply",
+    "batch_norm",
+    "batchnorm_layers",
+    "get_policy",
+    "momentum_from_decay",
+    "momentum_from_half_life",
+    "no_update",
+    "param_groups",
+    "register_subclass",
+    "resolve_mode",
+    "revert",
+    "using",
+]

@@ -1,0 +1,441 @@
+"""The functional core: batch statistics, normalization, running updates.
+
+Every BatchNorm computation in bnctl goes through :func:`batch_norm`; modules
+only hold state and call it. Conventions (SPEC section 1, stated once in the
+README): for ``x`` of shape ``(N, C, *)`` a channel's statistics use
+``n = N * prod(*)`` values; normalization uses the biased variance; running
+updates store the unbiased variance ``var_B * n / (n - 1)``; the EMA momentum
+``m`` is the weight of the new batch:
+
+.. math::
+
+    \\mathrm{running\\_mean} \\leftarrow (1 - m)\\,\\mathrm{running\\_mean} + m\\,\\mu_B, \\qquad
+    \\mathrm{running\\_var} \\leftarrow (1 - m)\\,\\mathrm{running\\_var} + m\\,\\sigma^2_B\\,\\frac{n}{n-1}
+
+Non-finite batch statistics are never written: the whole update of that
+batch is skipped (and reported to the caller) without a host synchronization.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .autograd import _reduce_dims, normalize_with_stats
+from .policy import Mode
+
+__all__ = [
+    "Accumulator",
+    "batch_norm",
+    "batch_stats",
+    "ema_update_",
+    "cumulative_update_",
+    "renorm_limits",
+]
+
+
+class BatchStats(NamedTuple):
+    mean: Tensor
+    var: Tensor  # biased
+    n: int
+
+
+def _values_per_channel(x: Tensor) -> int:
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def batch_stats(x: Tensor) -> BatchStats:
+    """Per-channel mean and biased variance of ``x`` (no gradient), at native speed.
+
+    Uses :func:`torch.batch_norm_update_stats` without buffers (its own
+    in-place update of buffers is silently dropped under ``torch.compile``, so
+    bnctl updates buffers itself). Inputs of lower precision than float32 are
+    reduced in float32.
+
+    Example:
+        >>> x = torch.randn(4, 3, 5)
+        >>> mean, var, n = batch_stats(x)
+        >>> n, torch.allclose(var, x.var((0, 2), unbiased=False))
+        (20, True)
+    """
+    with torch.no_grad():
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
+    return BatchStats(mean, var, _values_per_channel(x))
+
+
+def _differentiable_stats(x: Tensor) -> BatchStats:
+    var, mean = torch.var_mean(x, _reduce_dims(x.dim()), unbiased=False)
+    return BatchStats(mean, var, _values_per_channel(x))
+
+
+def _all_finite(*tensors: Tensor) -> Tensor:
+    ok = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        ok = ok & torch.isfinite(t).all()
+    return ok
+
+
+def ema_update_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    stats: BatchStats,
+    momentum: float | None,
+) -> Tensor:
+    """Exponential (or, with ``momentum=None``, cumulative-average) update in place.
+
+    ``momentum=None`` uses ``m = 1 / num_batches_tracked`` after the
+    increment, as PyTorch does. Nothing is written when a statistic is
+    non-finite.
+
+    Returns:
+        A 0-dim bool tensor: ``True`` when the update was applied.
+    """
+    with torch.no_grad():
+        mean = stats.mean.to(running_mean.dtype)
+        var_unbiased = stats.var.to(running_var.dtype) * (stats.n / (stats.n - 1))
+        ok = _all_finite(mean, var_unbiased)
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError(
+                    "momentum=None (cumulative average) needs num_batches_tracked, got None."
+                )
+            weight = (num_batches_tracked + 1).reciprocal().to(running_mean.dtype)
+        else:
+            weight = momentum
+        running_mean.copy_(torch.where(ok, torch.lerp(running_mean, mean, weight), running_mean))
+        running_var.copy_(
+            torch.where(ok, torch.lerp(running_var, var_unbiased, weight), running_var)
+        )
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    return ok
+
+
+@dataclass
+class Accumulator:
+    """Exact population statistics over batches (Chan et al.'s parallel merge, float64).
+
+    Holds the count, mean and sum of squared deviations (M2) of every value
+    seen since it was created. Merging ``k`` batches gives the same result,
+    up to float64 rounding, however the data was split.
+    """
+
+    count: Tensor  # float64 scalar
+    mean: Tensor  # float64 (C,)
+    m2: Tensor  # float64 (C,)
+    batches: int = 0
+
+    @classmethod
+    def empty(cls, num_features: int, device: torch.device | None = None) -> Accumulator:
+        zeros = torch.zeros(num_features, dtype=torch.float64, device=device)
+        return cls(torch.zeros((), dtype=torch.float64, device=device), zeros, zeros.clone())
+
+    def merge_(self, stats: BatchStats) -> Tensor:
+        """Merge one batch's (n, mean, biased var); returns whether it was finite."""
+        mean_b = stats.mean.to(torch.float64)
+        m2_b = stats.var.to(torch.float64) * stats.n
+        ok = _all_finite(mean_b, m2_b)
+        total = self.count + stats.n
+        delta = mean_b - self.mean
+        new_mean = self.mean + delta * (stats.n / total)
+        new_m2 = self.m2 + m2_b + delta * delta * (self.count * stats.n / total)
+        self.mean = torch.where(ok, new_mean, self.mean)
+        self.m2 = torch.where(ok, new_m2, self.m2)
+        self.count = torch.where(ok, total, self.count)
+        self.batches += 1
+        return ok
+
+    def population(self) -> tuple[Tensor, Tensor]:
+        """(mean, unbiased variance) of everything merged so far."""
+        return self.mean, self.m2 / (self.count - 1).clamp_min(1)
+
+
+def cumulative_update_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    stats: BatchStats,
+    accumulator: Accumulator,
+) -> Tensor:
+    """Merge a batch into ``accumulator`` and write the exact population statistics.
+
+    ``running_mean``/``running_var`` become the mean and unbiased variance of
+    all values merged since the accumulator was created. Nothing is written
+    for a batch with non-finite statistics.
+
+    Returns:
+        A 0-dim bool tensor: ``True`` when the update was applied.
+    """
+    with torch.no_grad():
+        ok = accumulator.merge_(stats)
+        mean, var = accumulator.population()
+        running_mean.copy_(torch.where(ok, mean.to(running_mean.dtype), running_mean))
+        running_var.copy_(torch.where(ok, var.to(running_var.dtype), running_var))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    return ok
+
+
+def renorm_limits(
+    rmax: float, dmax: float, warmup: tuple[int, int], step: Tensor | None
+) -> tuple[Tensor | float, Tensor | float]:
+    """Batch Renormalization clipping limits ``(r_max, d_max)`` after ``step`` updates.
+
+    Until ``warmup[0]`` updates the limits are ``(1, 0)`` (plain BatchNorm);
+    they then grow linearly to ``(rmax, dmax)`` at ``warmup[1]``. Computed as
+    tensors from ``num_batches_tracked``, without a host synchronization.
+    """
+    start, end = warmup
+    if step is None:
+        return rmax, dmax
+    if end == start:
+        progress = (step >= start).to(torch.float32)
+    else:
+        progress = ((step.to(torch.float32) - start) / (end - start)).clamp(0.0, 1.0)
+    return 1.0 + (rmax - 1.0) * progress, dmax * progress
+
+
+def _renorm(
+    x: Tensor,
+    stats: BatchStats,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    limits: tuple[Tensor | float, Tensor | float],
+) -> Tensor:
+    """Batch Renormalization (Ioffe 2017) forward; ``r`` and ``d`` are constants in backward.
+
+    ``y = w * (x_hat_B * r + d) + b`` equals native batch-statistics BatchNorm
+    with weight ``w * r`` and bias ``b + w * d``, so forward and backward run
+    at native speed and the gradient through ``mean_B``/``var_B`` is exact.
+    """
+    rmax, dmax = limits
+    with torch.no_grad():
+        running_std = torch.sqrt(running_var + eps)
+        r = torch.sqrt(stats.var + eps) / running_std
+        r = torch.minimum(torch.maximum(r, 1.0 / torch.as_tensor(rmax)), torch.as_tensor(rmax))
+        d = (stats.mean - running_mean) / running_std
+        d = torch.minimum(torch.maximum(d, -torch.as_tensor(dmax)), torch.as_tensor(dmax))
+    w = r if weight is None else weight * r
+    b = d if weight is None else weight * d
+    if bias is not None:
+        b = b + bias
+    return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+
+def _one_value_error(x: Tensor, layer: str) -> ValueError:
+    return ValueError(
+        f"{layer}: expected more than 1 value per channel to compute batch statistics, got "
+        f"input of shape {tuple(x.shape)}. Fixes: use a policy that normalizes with running "
+        "statistics in this mode (e.g. 'frozen' or 'frozen_stats'), use a larger batch, pass "
+        "drop_last=True to the DataLoader, or use a policy with fallback=True to normalize such "
+        "batches with the running statistics."
+    )
+
+
+def _native_ema(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """PyTorch's own train-mode BatchNorm, bit for bit, with the non-finite guard.
+
+    The native kernel updates copies of the buffers; they are committed only
+    if finite. (Autograd may save the tensors passed to the kernel, so the
+    copies, not the buffers, are what it sees.)
+    """
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    factor = 0.0 if momentum is None else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    out = F.batch_norm(x, new_mean, new_var, weight, bias, True, factor, eps)
+    with torch.no_grad():
+        # The stored statistics turn non-finite exactly when the batch's do
+        # (0 * nan is nan); channels that were already non-finite are ignored.
+        ok = (torch.isfinite(new_mean) | ~torch.isfinite(running_mean)).all() & (
+            torch.isfinite(new_var) | ~torch.isfinite(running_var)
+        ).all()
+        running_mean.copy_(torch.where(ok, new_mean, running_mean))
+        running_var.copy_(torch.where(ok, new_var, running_var))
+        if num_batches_tracked is not None:
+            num_batches_tracked.sub_((~ok).to(num_batches_tracked.dtype))
+    return out, ok
+
+
+def batch_norm_with_status(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    mode: Mode,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+    accumulator: Accumulator | None = None,
+    renorm: tuple[Tensor | float, Tensor | float] = (3.0, 5.0),
+    fallback: bool = False,
+    native_running: bool = False,
+    layer: str = "BatchNorm",
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`batch_norm`, also returning whether the running update was applied.
+
+    The second value is ``None`` when no update was attempted, else a 0-dim
+    bool tensor (``False``: skipped for non-finite statistics).
+    """
+    normalize, update = mode
+    has_running = running_mean is not None and running_var is not None
+    if not has_running and (normalize != "batch" or update != "none"):
+        raise ValueError(
+            f"{layer}: expected running statistics for mode {tuple(mode)}, got none "
+            "(the layer was built with track_running_stats=False). Use a policy that "
+            "normalizes with batch statistics and updates nothing, or build the layer with "
+            "track_running_stats=True."
+        )
+    if not isinstance(normalize, str):  # blend weight; the end points are the plain modes
+        normalize = {1.0: "batch", 0.0: "running"}.get(float(normalize), float(normalize))
+    n = _values_per_channel(x)
+    if n == 0:
+        update = "none"  # an empty batch never updates statistics
+    elif n == 1 and normalize != "running":
+        if not (fallback and has_running):
+            raise _one_value_error(x, layer)
+        normalize, update = "running", "none"
+    elif n == 1 and update != "none":
+        # Normalizing with running statistics is well defined, but one value per channel
+        # has no unbiased variance: skip the update and report it as skipped.
+        out = normalize_with_stats(x, running_mean, running_var, weight, bias, eps)
+        return out, torch.zeros((), dtype=torch.bool, device=x.device)
+
+    if normalize == "batch":
+        if update == "ema":
+            return _native_ema(
+                x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps
+            )
+        out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        if update == "none":
+            return out, None
+        stats = batch_stats(x)
+    elif normalize == "running":
+        if update == "none" and native_running:
+            return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps), None
+        stats = batch_stats(x) if update != "none" else None
+        out = normalize_with_stats(x, running_mean, running_var, weight, bias, eps)
+    elif normalize == "renorm":
+        stats = batch_stats(x)
+        out = _renorm(x, stats, running_mean, running_var, weight, bias, eps, renorm)
+    else:  # blend: alpha * batch + (1 - alpha) * running, gradient through the batch part
+        alpha = float(normalize)
+        dstats = _differentiable_stats(x)
+        mean = alpha * dstats.mean + (1.0 - alpha) * running_mean
+        var = alpha * dstats.var + (1.0 - alpha) * running_var
+        out = normalize_with_stats(x, mean, var, weight, bias, eps)
+        stats = BatchStats(dstats.mean.detach(), dstats.var.detach(), n)
+
+    if update == "none":
+        return out, None
+    if update == "ema":
+        return out, ema_update_(running_mean, running_var, num_batches_tracked, stats, momentum)
+    if accumulator is None:
+        raise ValueError(f"{layer}: a cumulative update needs an Accumulator, got None.")
+    return out, cumulative_update_(
+        running_mean, running_var, num_batches_tracked, stats, accumulator
+    )
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    mode: Mode,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+    accumulator: Accumulator | None = None,
+    renorm: tuple[Tensor | float, Tensor | float] = (3.0, 5.0),
+    fallback: bool = False,
+    native_running: bool = False,
+    layer: str = "BatchNorm",
+) -> Tensor:
+    """BatchNorm whose statistics and update are chosen explicitly by ``mode``.
+
+    ``mode.normalize`` picks the statistics (``"batch"``, ``"running"``,
+    ``"renorm"`` or a blend weight), ``mode.update`` what happens to
+    ``running_mean``/``running_var``/``num_batches_tracked`` (updated in
+    place). ``Mode("batch", "ema")`` is bit-identical to
+    ``F.batch_norm(..., training=True)`` plus PyTorch's ``num_batches_tracked``
+    bookkeeping, except that non-finite statistics are never written. When
+    the running statistics normalize and are also updated, normalization uses
+    the values from before this batch.
+
+    Args:
+        x: input of shape ``(N, C, *)``.
+        running_mean, running_var: ``(C,)`` buffers or ``None``.
+        weight, bias: ``(C,)`` affine parameters or ``None``.
+        mode: a :class:`bnctl.Mode`.
+        momentum: EMA weight of the new batch; ``None`` for a cumulative
+            average over ``num_batches_tracked``.
+        eps: added to the variance.
+        num_batches_tracked: incremented when the running statistics are updated.
+        accumulator: the :class:`Accumulator` for ``update="cumulative"``.
+        renorm: ``(r_max, d_max)`` for ``normalize="renorm"``.
+        fallback: normalize a one-value-per-channel batch with the running
+            statistics (updating nothing) instead of raising.
+        native_running: for ``Mode("running", "none")``, use PyTorch's eval-mode
+            backward too (bit-identical gradients, as the ``torch`` preset
+            needs) instead of bnctl's faster scale-and-shift backward. The
+            forward is PyTorch's eval kernel either way.
+        layer: the layer's name, for error messages.
+
+    Returns:
+        The normalized tensor, of the shape and memory format of ``x``.
+
+    Raises:
+        ValueError: one value per channel in a mode that needs batch
+            statistics, or a mode that needs running statistics without them.
+
+    Example:
+        >>> from bnctl import Mode
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> rm, rv = torch.zeros(3), torch.ones(3)
+        >>> y = batch_norm(x, rm, rv, mode=Mode("running", "ema"), momentum=0.5)
+        >>> torch.allclose(y, x / math.sqrt(1 + 1e-5)), bool((rm != 0).all())
+        (True, True)
+    """
+    out, _ = batch_norm_with_status(
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        mode=mode,
+        momentum=momentum,
+        eps=eps,
+        num_batches_tracked=num_batches_tracked,
+        accumulator=accumulator,
+        renorm=renorm,
+        fallback=fallback,
+        native_running=native_running,
+        layer=layer,
+    )
+    return out

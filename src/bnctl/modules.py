@@ -1,0 +1,360 @@
+"""Drop-in BatchNorm layers that follow a :class:`bnctl.Policy`.
+
+``bnctl.BatchNorm1d/2d/3d`` subclass the torch classes: same constructor
+(plus ``policy=``), same parameters, buffers and state-dict keys. With the
+default ``"torch"`` policy they are bit-identical to PyTorch.
+
+:func:`bnctl.apply` gives an existing layer the same behaviour by switching
+its class to a subclass made here (:func:`policy_class`), so the layer keeps
+its identity, Parameters, buffers, hooks and ``isinstance`` checks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .functional import Accumulator, batch_norm_with_status, renorm_limits
+from .policy import TORCH, Policy, get_policy, resolve_mode
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerState",
+    "policy_class",
+    "register_subclass",
+]
+
+
+@dataclass
+class LayerState:
+    """What bnctl keeps on a layer (as ``layer._bnctl``); none of it is in the state dict.
+
+    ``origin`` is the class the layer had before bnctl touched it, and
+    ``requires_grad`` its parameters' flags then; :func:`bnctl.revert`
+    restores both. ``skipped`` counts running updates skipped for
+    non-finite statistics, on the layer's device (no host synchronization).
+    """
+
+    policy: Policy
+    name: str
+    origin: type
+    requires_grad: tuple[bool, bool] | None = None
+    accumulator: Accumulator | None = None
+    skipped: Tensor | None = field(default=None, repr=False)
+
+
+class _PolicyForward(_BatchNorm):
+    """Mixin placed just above ``_BatchNorm`` in a layer's MRO; holds the one policy forward."""
+
+    _bnctl: LayerState
+
+    def forward(self, input: Tensor) -> Tensor:
+        state = self._bnctl
+        self._check_input(input, state.name)
+        mode = resolve_mode(
+            state.policy, self.training, self.track_running_stats, self.running_mean is not None
+        )
+        momentum = self.momentum if state.policy.momentum is None else state.policy.momentum
+        if mode.update == "cumulative" and state.accumulator is None:
+            state.accumulator = Accumulator.empty(self.num_features, input.device)
+        limits: tuple[Any, Any] = (state.policy.rmax, state.policy.dmax)
+        if mode.normalize == "renorm":
+            limits = renorm_limits(
+                state.policy.rmax,
+                state.policy.dmax,
+                state.policy.renorm_warmup,
+                self.num_batches_tracked,
+            )
+        out, ok = batch_norm_with_status(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            mode=mode,
+            momentum=momentum,
+            eps=self.eps,
+            num_batches_tracked=self.num_batches_tracked,
+            accumulator=state.accumulator,
+            renorm=limits,
+            fallback=state.policy.fallback,
+            native_running=state.policy == TORCH,
+            layer=state.name,
+        )
+        if ok is not None:
+            _count_skip(self, state, ok)
+        return out
+
+    def _check_input(self, input: Tensor, name: str) -> None:
+        try:
+            self._check_input_dim(input)
+        except ValueError as err:
+            raise ValueError(
+                f"{name}: {err}. {type(self).__name__} takes input of shape "
+                f"{_expected_shape(self)}; reshape the input or use the BatchNorm of matching "
+                "dimensionality."
+            ) from err
+        if input.dim() < 2 or input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}: expected {self.num_features} channels in dim 1, got input of shape "
+                f"{tuple(input.shape)}. Check the preceding layer's output channels (or pass "
+                "channels-first data: (N, C, ...))."
+            )
+
+    @property
+    def skipped_updates(self) -> int:
+        """Running updates skipped because the batch statistics were non-finite."""
+        skipped = self._bnctl.skipped
+        return 0 if skipped is None else int(skipped)
+
+    def extra_repr(self) -> str:
+        policy = self._bnctl.policy
+        label = policy.name or "custom"
+        return f"{super().extra_repr()}, policy={label}"
+
+
+def _expected_shape(layer: _BatchNorm) -> str:
+    shapes = {
+        nn.BatchNorm1d: "(N, C) or (N, C, L)",
+        nn.BatchNorm2d: "(N, C, H, W)",
+        nn.BatchNorm3d: "(N, C, D, H, W)",
+    }
+    for cls, shape in shapes.items():
+        if isinstance(layer, cls):
+            return shape
+    return "(N, C, ...)"
+
+
+def _count_skip(layer: _BatchNorm, state: LayerState, ok: Tensor) -> None:
+    if state.skipped is None:
+        state.skipped = torch.zeros((), dtype=torch.long, device=ok.device)
+    state.skipped.add_((~ok).to(torch.long))
+    # On the CPU reading the flag costs nothing; elsewhere it would synchronize the
+    # device on every forward, so there the count is only read by report()/skipped_updates.
+    if ok.device.type == "cpu" and not bool(ok):
+        warnings.warn(
+            f"{state.name}: skipped the running-statistics update of this batch (non-finite "
+            f"or undefined batch statistics); running_mean, running_var and "
+            f"num_batches_tracked are unchanged ({int(state.skipped)} skipped so far). "
+            "Check the input and the preceding layers for overflow.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+# -- classes for existing layers ---------------------------------------------------------
+
+_ADAPTERS: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {}
+_CLASSES: dict[type, type] = {}
+
+
+def register_subclass(cls: type, after: Callable[[nn.Module, Tensor], Tensor]) -> None:
+    """Teach bnctl a BatchNorm subclass whose ``forward`` does more than BatchNorm.
+
+    Some libraries compute BatchNorm inside an overridden ``forward`` and then
+    add work (timm's ``BatchNormAct2d`` applies dropout and an activation).
+    bnctl cannot change the statistics such a forward uses, so :func:`bnctl.apply`
+    refuses these classes unless registered here: bnctl then runs its own
+    normalization followed by ``after(layer, y)``, which must do whatever the
+    original forward did after normalizing.
+
+    Example:
+        >>> class BatchNormReLU(torch.nn.BatchNorm2d):
+        ...     def forward(self, x):
+        ...         return torch.relu(torch.nn.functional.batch_norm(
+        ...             x, self.running_mean, self.running_var, self.weight, self.bias,
+        ...             self.training, self.momentum, self.eps))
+        >>> register_subclass(BatchNormReLU, lambda layer, y: torch.relu(y))
+    """
+    if not (isinstance(cls, type) and issubclass(cls, _BatchNorm)):
+        raise TypeError(f"expected a BatchNorm subclass, got {cls!r}.")
+    if not callable(after):
+        raise TypeError(f"expected a callable after(layer, y), got {after!r}.")
+    _ADAPTERS[cls] = after
+    _CLASSES.pop(cls, None)
+
+
+def _calls_super_forward(fn: Any) -> bool:
+    code = getattr(fn, "__code__", None)
+    return code is not None and "super" in code.co_names and "forward" in code.co_names
+
+
+def _forward_overrides(cls: type) -> list[type]:
+    """Classes between ``cls`` and torch's own BatchNorm classes that define ``forward``."""
+    found = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is _PolicyForward:
+            break
+        if "forward" in vars(klass):
+            found.append(klass)
+    return found
+
+
+def policy_class(cls: type, name: str = "layer") -> type:
+    """The class an existing layer of class ``cls`` takes under a bnctl policy.
+
+    A subclass of ``cls`` whose BatchNorm computation follows the layer's
+    policy. Subclasses whose own ``forward`` calls ``super().forward`` keep
+    their extra behaviour (bnctl sits below them in the MRO); registered ones
+    (:func:`register_subclass`) run their ``after`` step.
+
+    Raises:
+        TypeError: for a subclass that overrides ``forward`` without calling
+            ``super().forward`` and is not registered.
+    """
+    if issubclass(cls, _PolicyForward):
+        return cls
+    if cls in _CLASSES:
+        return _CLASSES[cls]
+    attrs: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    adapter = next((_ADAPTERS[k] for k in cls.__mro__ if k in _ADAPTERS), None)
+    overrides = _forward_overrides(cls)
+    if adapter is not None:
+
+        def forward(self: nn.Module, input: Tensor) -> Tensor:
+            return adapter(self, _PolicyForward.forward(self, input))
+
+        attrs["forward"] = forward
+    elif issubclass(cls, nn.SyncBatchNorm):
+        if overrides:
+            raise _refusal(cls, name)
+        attrs["forward"] = _sync_forward
+    elif not all(_calls_super_forward(vars(k)["forward"]) for k in overrides):
+        raise _refusal(cls, name)
+    new = type(cls.__name__, (cls, _PolicyForward), attrs)
+    _CLASSES[cls] = new
+    return new
+
+
+def _refusal(cls: type, name: str) -> TypeError:
+    return TypeError(
+        f"{name}: {cls.__module__}.{cls.__qualname__} overrides forward() without calling "
+        "super().forward(), so bnctl cannot choose its statistics without dropping what that "
+        "forward adds. Fixes: call super().forward(x) inside it, or register the extra steps "
+        "with bnctl.register_subclass(cls, after=lambda layer, y: ...), or leave the layer out "
+        "with exclude=..."
+    )
+
+
+def _sync_forward(self: nn.Module, input: Tensor) -> Tensor:
+    mode = resolve_mode(
+        self._bnctl.policy, self.training, self.track_running_stats, self.running_mean is not None
+    )
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and mode.normalize != "running" and self.training:
+        raise RuntimeError(
+            f"{self._bnctl.name}: bnctl policies do not synchronize batch statistics across "
+            "processes yet, and a process group is initialized. Use bnctl.revert(model) to get "
+            "torch's SyncBatchNorm back, or a policy that normalizes with running statistics."
+        )
+    return _PolicyForward.forward(self, input)
+
+
+def set_policy(layer: _BatchNorm, policy: str | Policy, name: str) -> LayerState:
+    """Give ``layer`` a policy in place (class switch, state, affine flags); returns the state."""
+    policy = get_policy(policy)
+    previous: LayerState | None = getattr(layer, "_bnctl", None)
+    cls = policy_class(type(layer), name)
+    if previous is None:
+        grads = None
+        if layer.weight is not None and layer.bias is not None:
+            grads = (layer.weight.requires_grad, layer.bias.requires_grad)
+        state = LayerState(policy, name, type(layer), grads)
+    else:
+        state = LayerState(
+            policy,
+            name,
+            previous.origin,
+            previous.requires_grad,
+            None,  # a new policy starts a fresh cumulative average
+            previous.skipped,
+        )
+    layer.__class__ = cls
+    layer._bnctl = state
+    set_learn_affine(layer, policy.learn_affine)
+    return state
+
+
+def set_learn_affine(layer: _BatchNorm, learn: bool | None) -> None:
+    """Set ``requires_grad`` of weight and bias; freezing also drops stale ``.grad``."""
+    if learn is None:
+        return
+    for param in (layer.weight, layer.bias):
+        if param is None:
+            continue
+        param.requires_grad_(learn)
+        if not learn:
+            param.grad = None
+
+
+# -- drop-in layers ----------------------------------------------------------------------
+
+
+class _Constructor:
+    """The torch constructor plus ``policy=``; shared by the three public classes."""
+
+    def __init__(self, *args: Any, policy: str | Policy = "torch", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        base = next(k for k in type(self).__mro__ if k.__module__.startswith("torch."))
+        self._bnctl = LayerState(TORCH, type(self).__name__, base)
+        set_policy(self, policy, type(self).__name__)  # type: ignore[arg-type]
+
+    @property
+    def policy(self) -> Policy:
+        """This layer's :class:`bnctl.Policy`."""
+        return self._bnctl.policy  # type: ignore[attr-defined]
+
+
+class BatchNorm1d(_Constructor, nn.BatchNorm1d, _PolicyForward):
+    """:class:`torch.nn.BatchNorm1d` that follows a :class:`bnctl.Policy`.
+
+    Same arguments as the torch class, plus ``policy`` (a preset name or a
+    Policy; default ``"torch"``, bit-identical to the torch class).
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, L)``; Output: same as input.
+
+    Example:
+        >>> bn = BatchNorm1d(3, policy="frozen_stats").train()
+        >>> _ = bn(torch.randn(4, 3))
+        >>> int(bn.num_batches_tracked), bn.weight.requires_grad
+        (0, True)
+    """
+
+
+class BatchNorm2d(_Constructor, nn.BatchNorm2d, _PolicyForward):
+    """:class:`torch.nn.BatchNorm2d` that follows a :class:`bnctl.Policy`.
+
+    Same arguments as the torch class, plus ``policy`` (a preset name or a
+    Policy; default ``"torch"``, bit-identical to the torch class).
+
+    Shape:
+        - Input: ``(N, C, H, W)``; Output: same as input (memory format kept).
+
+    Example:
+        >>> bn = BatchNorm2d(3, policy="running_update").train()
+        >>> x = torch.randn(8, 3, 4, 4) + 5
+        >>> y = bn(x)  # normalized with the old running statistics (0 and 1)...
+        >>> torch.allclose(y, x / (1 + bn.eps) ** 0.5)
+        True
+        >>> bool((bn.running_mean > 0.4).all())  # ...which were then updated
+        True
+    """
+
+
+class BatchNorm3d(_Constructor, nn.BatchNorm3d, _PolicyForward):
+    """:class:`torch.nn.BatchNorm3d` that follows a :class:`bnctl.Policy`.
+
+    Same arguments as the torch class, plus ``policy`` (a preset name or a
+    Policy; default ``"torch"``, bit-identical to the torch class).
+
+    Shape:
+        - Input: ``(N, C, D, H, W)``; Output: same as input.
+    """

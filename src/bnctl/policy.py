@@ -1,0 +1,328 @@
+"""BatchNorm policies: what a layer normalizes with and what it updates.
+
+A :class:`Policy` separates the two things PyTorch ties to ``module.training``:
+
+* **normalize** -- which statistics normalize the input: ``"batch"``,
+  ``"running"``, ``"renorm"`` (Batch Renormalization) or a blend ``alpha`` in
+  ``[0, 1]`` (``alpha * batch + (1 - alpha) * running``);
+* **update** -- what happens to the running buffers: ``"none"``, ``"ema"`` or
+  ``"cumulative"``.
+
+A policy gives both for ``train()`` and for ``eval()``, plus whether the affine
+parameters learn. :func:`resolve_mode` is the one place that turns a policy and
+a layer's flags into what one forward does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Union
+
+__all__ = [
+    "Mode",
+    "Policy",
+    "PRESETS",
+    "get_policy",
+    "resolve_mode",
+    "momentum_from_decay",
+    "momentum_from_half_life",
+]
+
+Normalize = Union[Literal["batch", "running", "renorm"], float]
+Update = Literal["none", "ema", "cumulative"]
+
+_NORMALIZE_NAMES = ("batch", "running", "renorm")
+_UPDATE_NAMES = ("none", "ema", "cumulative")
+
+
+class Mode(NamedTuple):
+    """What one forward of one layer does.
+
+    ``normalize`` is ``"batch"``, ``"running"``, ``"renorm"`` or a float blend
+    weight ``alpha`` (weight of the batch statistics); ``update`` is
+    ``"none"``, ``"ema"`` or ``"cumulative"``.
+    """
+
+    normalize: Normalize
+    update: Update
+
+    @property
+    def needs_batch_stats(self) -> bool:
+        """Whether this forward computes statistics of the batch."""
+        return self.normalize != "running" or self.update != "none"
+
+    @property
+    def needs_running_stats(self) -> bool:
+        """Whether this forward reads or writes the running buffers."""
+        return self.normalize != "batch" or self.update != "none"
+
+
+def _check_normalize(value: object, field: str) -> None:
+    if isinstance(value, bool) or not (
+        value in _NORMALIZE_NAMES or isinstance(value, (int, float))
+    ):
+        raise ValueError(
+            f"Policy.{field}: expected one of {_NORMALIZE_NAMES} or a blend weight "
+            f"in [0, 1], got {value!r}."
+        )
+    if isinstance(value, (int, float)) and not 0.0 <= float(value) <= 1.0:
+        raise ValueError(
+            f"Policy.{field}: a blend weight must lie in [0, 1] "
+            f"(1 = batch statistics, 0 = running statistics), got {value!r}."
+        )
+
+
+def _check_update(value: object, field: str) -> None:
+    if value not in _UPDATE_NAMES:
+        raise ValueError(
+            f"Policy.{field}: expected one of {_UPDATE_NAMES}, got {value!r}."
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a BatchNorm layer behaves under ``train()`` and under ``eval()``.
+
+    Behaviour contract: the layer's ``training`` flag only selects which half
+    of the policy applies (``train_*`` or ``eval_*``); ``model.train()`` and
+    ``model.eval()`` never change the policy itself. Built-in presets are
+    listed in :data:`PRESETS`; derive variants with :func:`dataclasses.replace`.
+
+    Args:
+        train_normalize: statistics that normalize under ``train()``:
+            ``"batch"``, ``"running"``, ``"renorm"`` or a blend weight
+            ``alpha`` in ``[0, 1]`` (``mu = alpha * mean_B + (1 - alpha) *
+            running_mean``, the same for the variance).
+        train_update: running-statistics update under ``train()``:
+            ``"none"``, ``"ema"`` or ``"cumulative"``.
+        eval_normalize: as ``train_normalize``, under ``eval()``.
+        eval_update: as ``train_update``, under ``eval()``.
+        learn_affine: ``True``/``False`` sets ``requires_grad`` of ``weight``
+            and ``bias`` (``False`` also clears stale ``.grad``); ``None``
+            leaves them as they are.
+        momentum: EMA momentum in PyTorch's convention (weight of the new
+            batch). ``None`` uses the layer's own ``momentum`` attribute.
+        fallback: when a batch has one value per channel and batch
+            statistics are needed, normalize that batch with the running
+            statistics and update nothing, instead of raising.
+        rmax: Batch Renormalization limit on ``r`` after warm-up (``>= 1``).
+        dmax: Batch Renormalization limit on ``|d|`` after warm-up (``>= 0``).
+        renorm_warmup: ``(start, end)`` in updates (``num_batches_tracked``):
+            ``r`` is clipped to ``[1, 1]`` and ``d`` to ``[0, 0]`` until
+            ``start``, then the limits grow linearly to ``rmax``/``dmax`` at
+            ``end`` (Ioffe 2017 used 5k and 40k steps).
+        name: preset name, for messages and reports.
+
+    Raises:
+        ValueError: if a field has a value outside the ones listed above.
+
+    Example:
+        >>> import dataclasses, bnctl
+        >>> p = bnctl.get_policy("frozen_stats")
+        >>> p.mode(training=True)
+        Mode(normalize='running', update='none')
+        >>> dataclasses.replace(p, train_update="ema").mode(training=True)
+        Mode(normalize='running', update='ema')
+    """
+
+    train_normalize: Normalize = "batch"
+    train_update: Update = "ema"
+    eval_normalize: Normalize = "running"
+    eval_update: Update = "none"
+    learn_affine: bool | None = None
+    momentum: float | None = None
+    fallback: bool = False
+    rmax: float = 3.0
+    dmax: float = 5.0
+    renorm_warmup: tuple[int, int] = (5000, 40000)
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_normalize(self.train_normalize, "train_normalize")
+        _check_normalize(self.eval_normalize, "eval_normalize")
+        _check_update(self.train_update, "train_update")
+        _check_update(self.eval_update, "eval_update")
+        if self.learn_affine not in (None, True, False):
+            raise ValueError(
+                f"Policy.learn_affine: expected True, False or None, got {self.learn_affine!r}."
+            )
+        if self.momentum is not None and (
+            isinstance(self.momentum, bool)
+            or not isinstance(self.momentum, (int, float))
+            or not 0.0 <= self.momentum <= 1.0
+        ):
+            raise ValueError(
+                f"Policy.momentum: expected a float in [0, 1] in PyTorch's convention "
+                f"(weight of the new batch) or None, got {self.momentum!r}. For a Keras/Flax "
+                "decay such as 0.99 use bnctl.momentum_from_decay(0.99)."
+            )
+        if not (isinstance(self.rmax, (int, float)) and self.rmax >= 1.0):
+            raise ValueError(f"Policy.rmax: expected a number >= 1, got {self.rmax!r}.")
+        if not (isinstance(self.dmax, (int, float)) and self.dmax >= 0.0):
+            raise ValueError(f"Policy.dmax: expected a number >= 0, got {self.dmax!r}.")
+        warm = self.renorm_warmup
+        if not (
+            isinstance(warm, tuple)
+            and len(warm) == 2
+            and all(isinstance(s, int) and s >= 0 for s in warm)
+            and warm[0] <= warm[1]
+        ):
+            raise ValueError(
+                "Policy.renorm_warmup: expected a tuple (start, end) of integers with "
+                f"0 <= start <= end, got {warm!r}."
+            )
+
+    def mode(self, training: bool) -> Mode:
+        """The (normalize, update) half of the policy for ``train()`` or ``eval()``."""
+        if training:
+            return Mode(self.train_normalize, self.train_update)
+        return Mode(self.eval_normalize, self.eval_update)
+
+    @property
+    def updates(self) -> bool:
+        """Whether the policy ever writes the running statistics."""
+        return self.train_update != "none" or self.eval_update != "none"
+
+    @property
+    def reads_running_stats(self) -> bool:
+        """Whether the policy ever normalizes with the running statistics."""
+        return self.train_normalize != "batch" or self.eval_normalize != "batch"
+
+    def __str__(self) -> str:
+        label = self.name or "custom"
+        return (
+            f"{label} (train: {self.train_normalize}/{self.train_update}, "
+            f"eval: {self.eval_normalize}/{self.eval_update}, learn_affine={self.learn_affine})"
+        )
+
+
+PRESETS: dict[str, Policy] = {
+    p.name: p  # type: ignore[misc]
+    for p in (
+        Policy(name="torch"),
+        Policy("running", "none", "running", "none", learn_affine=False, name="frozen"),
+        Policy("running", "none", "running", "none", learn_affine=True, name="frozen_stats"),
+        Policy("running", "ema", "running", "none", name="running_update"),
+        Policy("batch", "none", "running", "none", name="batch_no_update"),
+        Policy("batch", "none", "batch", "none", learn_affine=True, name="test_time"),
+        Policy(
+            "batch", "cumulative", "batch", "cumulative", learn_affine=False, name="recalibrate"
+        ),
+        Policy("renorm", "ema", "running", "none", name="renorm"),
+    )
+}
+"""The built-in presets, by name. See the README's truth table."""
+
+TORCH = PRESETS["torch"]
+
+
+def get_policy(policy: str | Policy) -> Policy:
+    """Turn a preset name or a :class:`Policy` into a :class:`Policy`.
+
+    Raises:
+        ValueError: for an unknown preset name (the message lists the valid ones).
+        TypeError: for anything that is neither a string nor a Policy.
+    """
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str):
+        try:
+            return PRESETS[policy]
+        except KeyError:
+            raise ValueError(
+                f"Unknown BatchNorm policy {policy!r}. Expected one of {sorted(PRESETS)}, "
+                "or a bnctl.Policy."
+            ) from None
+    raise TypeError(
+        f"expected a preset name or a bnctl.Policy, got {type(policy).__name__}."
+    )
+
+
+def resolve_mode(
+    policy: Policy, training: bool, track_running_stats: bool, has_running_stats: bool
+) -> Mode:
+    """Decide what one forward of a layer does. The one place that decides it.
+
+    ``has_running_stats`` says whether the ``running_mean``/``running_var``
+    buffers exist (they are ``None`` when the layer was built with
+    ``track_running_stats=False``). The whole truth table, for any policy
+    ``P``, where ``P.mode(training)`` is the half of the policy that applies:
+
+    =====================  ===================  =================================
+    has_running_stats      track_running_stats  result
+    =====================  ===================  =================================
+    False                  any                  ``("batch", "none")``
+    True                   True                 ``P.mode(training)``
+    True                   False                ``P.mode(training)`` with
+                                                ``update`` forced to ``"none"``
+    =====================  ===================  =================================
+
+    For the ``torch`` preset this gives exactly PyTorch's behaviour:
+
+    ========  =====  =====  ======================
+    buffers   track  mode   result
+    ========  =====  =====  ======================
+    yes       yes    train  batch / ema
+    yes       yes    eval   running / none
+    yes       no     train  batch / none
+    yes       no     eval   running / none
+    no        any    any    batch / none
+    ========  =====  =====  ======================
+
+    :func:`bnctl.apply` refuses, ahead of time, a policy that needs running
+    statistics on a layer that has none, so the first row never silently
+    replaces a non-``torch`` policy.
+
+    Example:
+        >>> resolve_mode(PRESETS["running_update"], True, True, True)
+        Mode(normalize='running', update='ema')
+        >>> resolve_mode(PRESETS["torch"], False, False, False)
+        Mode(normalize='batch', update='none')
+    """
+    if not has_running_stats:
+        return Mode("batch", "none")
+    mode = policy.mode(training)
+    if not track_running_stats:
+        return Mode(mode.normalize, "none")
+    return mode
+
+
+def momentum_from_decay(decay: float) -> float:
+    """PyTorch momentum from a Keras/Flax/TensorFlow decay: ``m = 1 - decay``.
+
+    Keras ``BatchNormalization(momentum=0.99)`` and Flax ``momentum=0.99`` keep
+    99% of the old statistics; PyTorch's ``momentum`` is the weight of the new
+    batch.
+
+    Example:
+        >>> round(momentum_from_decay(0.99), 6)
+        0.01
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"expected a decay in [0, 1], got {decay!r}.")
+    return 1.0 - decay
+
+
+def momentum_from_half_life(batches: float) -> float:
+    """PyTorch momentum whose EMA halves an old batch's weight every ``batches`` updates.
+
+    .. math:: (1 - m)^{h} = 1/2 \\quad\\Rightarrow\\quad m = 1 - 2^{-1/h}
+
+    Example:
+        >>> round(momentum_from_half_life(1), 6)
+        0.5
+        >>> round(momentum_from_half_life(100), 6)
+        0.006908
+    """
+    if not (isinstance(batches, (int, float)) and batches > 0 and math.isfinite(batches)):
+        raise ValueError(f"expected a positive, finite half-life in batches, got {batches!r}.")
+    return 1.0 - 2.0 ** (-1.0 / batches)
+
+
+def replace(policy: Policy, **changes: object) -> Policy:
+    """:func:`dataclasses.replace` that drops the preset name when fields change."""
+    if changes and "name" not in changes:
+        changes["name"] = None
+    return dataclasses.replace(policy, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,302 @@
+"""Layers: bit-identical default, every preset's behaviour, bad input."""
+
+import copy
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bnctl
+from conftest import TOL, reference_bn
+
+CLASSES = {1: (nn.BatchNorm1d, bnctl.BatchNorm1d), 2: (nn.BatchNorm2d, bnctl.BatchNorm2d),
+           3: (nn.BatchNorm3d, bnctl.BatchNorm3d)}
+SHAPES = {1: [(6, 3), (6, 3, 5)], 2: [(6, 3, 4, 5), (2, 3, 1, 1)], 3: [(4, 3, 2, 3, 2)]}
+
+
+def pair(dim, **kwargs):
+    ref_cls, our_cls = CLASSES[dim]
+    ref = ref_cls(3, **kwargs)
+    ours = our_cls(3, **kwargs)
+    with torch.no_grad():
+        if ref.affine:
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def assert_same_state(ref, ours):
+    for (k1, v1), (k2, v2) in zip(ref.state_dict().items(), ours.state_dict().items()):
+        assert k1 == k2
+        assert torch.equal(v1, v2), k1
+
+
+def run_both(ref, ours, x):
+    xr = x.clone().requires_grad_()
+    xo = x.clone().requires_grad_()
+    yr, yo = ref(xr), ours(xo)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yo.backward(g)
+    assert torch.equal(yr, yo)
+    assert yr.is_contiguous(memory_format=torch.channels_last) == yo.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert torch.equal(xr.grad, xo.grad)
+    if ref.affine:
+        assert torch.equal(ref.weight.grad, ours.weight.grad)
+        assert torch.equal(ref.bias.grad, ours.bias.grad)
+    assert_same_state(ref, ours)
+
+
+CONFIGS = list(
+    itertools.product(
+        [0.1, 0.0, None],  # momentum
+        [True, False],  # affine
+        [True, False],  # track_running_stats
+        [torch.float32, torch.float64],
+    )
+)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("momentum,affine,track,dtype", CONFIGS)
+def test_torch_preset_bit_identical(dim, momentum, affine, track, dtype):
+    ref, ours = pair(dim, momentum=momentum, affine=affine, track_running_stats=track)
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    for shape in SHAPES[dim]:
+        for training in (True, True, False, True):
+            ref.train(training)
+            ours.train(training)
+            run_both(ref, ours, torch.randn(shape, dtype=dtype) * 2 + 1)
+
+
+def test_torch_preset_bit_identical_channels_last():
+    ref, ours = pair(2)
+    for training in (True, False):
+        ref.train(training), ours.train(training)
+        x = torch.randn(4, 3, 5, 6).to(memory_format=torch.channels_last)
+        run_both(ref, ours, x)
+
+
+def test_torch_preset_bit_identical_bfloat16_autocast():
+    ref, ours = pair(2)
+    conv = nn.Conv2d(3, 3, 1)
+    for training in (True, False):
+        ref.train(training), ours.train(training)
+        x = torch.randn(4, 3, 5, 6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = conv(x)
+            assert h.dtype == torch.bfloat16
+            yr, yo = ref(h), ours(h)
+        assert yr.dtype == yo.dtype
+        assert torch.equal(yr, yo)
+        assert_same_state(ref, ours)
+
+
+def test_track_running_stats_switched_off_after_construction():
+    ref, ours = pair(2)
+    ref.track_running_stats = ours.track_running_stats = False
+    for training in (True, False):
+        ref.train(training), ours.train(training)
+        run_both(ref, ours, torch.randn(4, 3, 2, 2))
+
+
+def test_state_dict_keys_and_strict_round_trip():
+    plain = nn.BatchNorm2d(3)
+    for name in bnctl.PRESETS:
+        ours = bnctl.BatchNorm2d(3, policy=name)
+        assert list(ours.state_dict()) == list(plain.state_dict())
+        ours.load_state_dict(plain.state_dict(), strict=True)
+        plain.load_state_dict(ours.state_dict(), strict=True)
+    assert isinstance(ours, nn.BatchNorm2d)
+
+
+# -- behaviour of every preset: flags, buffers, counters after a sequence of calls --------
+
+# preset -> (normalizes with, updates) under train() and eval()
+EXPECTED = {
+    "torch": (("batch", True), ("running", False)),
+    "frozen": (("running", False), ("running", False)),
+    "frozen_stats": (("running", False), ("running", False)),
+    "running_update": (("running", True), ("running", False)),
+    "batch_no_update": (("batch", False), ("running", False)),
+    "test_time": (("batch", False), ("batch", False)),
+    "recalibrate": (("batch", True), ("batch", True)),
+    "renorm": (("renorm", True), ("running", False)),
+}
+
+
+def pretrained(policy):
+    bn = bnctl.BatchNorm2d(3, policy="torch")
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+        bn.num_batches_tracked.fill_(100)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    bnctl.apply(bn, policy)
+    return bn
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+@pytest.mark.parametrize("training", [True, False])
+def test_preset_behaviour(preset, training):
+    bn = pretrained(preset).train(training)
+    before = copy.deepcopy(bn.state_dict())
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    y = bn(x)
+    normalize, updates = EXPECTED[preset][0 if training else 1]
+    rm, rv = before["running_mean"], before["running_var"]
+    expected = reference_bn(x, rm, rv, bn.weight, bn.bias, normalize, rmax=1.0, dmax=0.0)
+    torch.testing.assert_close(y, expected, **TOL[torch.float32])
+    after = bn.state_dict()
+    assert torch.equal(after["num_batches_tracked"], before["num_batches_tracked"] + updates)
+    assert torch.equal(after["running_mean"], rm) is not updates
+    assert torch.equal(after["weight"], before["weight"])  # forward never touches parameters
+    # the policy survives model.train()/model.eval()
+    bn.train(not training).train(training)
+    assert bn.policy.name == preset
+
+
+def test_running_update_uses_pre_update_stats_then_updates_by_formula():
+    bn = pretrained("running_update").train()
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    y = bn(x)
+    torch.testing.assert_close(y, reference_bn(x, rm, rv, bn.weight, bn.bias, "running"))
+    n = 8 * 16
+    mean_b = x.detach().mean((0, 2, 3))
+    var_b = x.detach().var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(bn.running_mean, 0.9 * rm + 0.1 * mean_b)
+    torch.testing.assert_close(bn.running_var, 0.9 * rv + 0.1 * var_b * n / (n - 1))
+    y.backward(torch.randn_like(y))  # buffers changed after forward: backward still works
+    assert x.grad is not None
+
+
+def test_frozen_affine_and_stale_grad_cleared():
+    bn = bnctl.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 2, 2)).sum().backward()
+    assert bn.weight.grad is not None
+    handle = bnctl.apply(bn, "frozen")
+    assert bn.weight.grad is None and not bn.weight.requires_grad
+    w, b = bn.weight.clone(), bn.bias.clone()
+    opt = torch.optim.AdamW(bn.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        bn.train()(torch.randn(4, 3, 2, 2, requires_grad=True)).pow(2).sum().backward()
+        opt.step()
+    assert torch.equal(bn.weight, w) and torch.equal(bn.bias, b)
+    handle.remove()
+    assert bn.weight.requires_grad
+
+
+def test_blend_policy_matches_reference():
+    policy = bnctl.Policy("batch", "none", 0.25, "none", name=None)
+    bn = pretrained(policy).eval()
+    x = torch.randn(6, 3, 3, 3)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    torch.testing.assert_close(bn(x), reference_bn(x, rm, rv, bn.weight, bn.bias, 0.25))
+    assert torch.equal(bn.running_mean, rm)
+
+
+def test_momentum_override_and_cumulative_none():
+    bn = pretrained(bnctl.Policy("running", "ema", momentum=0.5)).train()
+    rm = bn.running_mean.clone()
+    x = torch.randn(8, 3, 2, 2)
+    bn(x)
+    torch.testing.assert_close(bn.running_mean, 0.5 * rm + 0.5 * x.mean((0, 2, 3)))
+    # momentum=None on the layer: cumulative average, as PyTorch
+    bn = bnctl.BatchNorm2d(3, momentum=None, policy="running_update").train()
+    xs = [torch.randn(8, 3, 2, 2) for _ in range(3)]
+    for x in xs:
+        bn(x)
+    torch.testing.assert_close(
+        bn.running_mean, torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+    )  # the first batch replaces the initial values, as in PyTorch
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_renorm_warmup_schedule():
+    bn = pretrained(bnctl.Policy("renorm", "ema", renorm_warmup=(100, 200))).train()
+    bn.num_batches_tracked.fill_(0)
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    # until warm-up starts, r=1 and d=0: plain batch-statistics BatchNorm
+    torch.testing.assert_close(bn(x), reference_bn(x, *before, bn.weight, bn.bias, "batch"))
+    bn.num_batches_tracked.fill_(10_000)
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    full = reference_bn(x, *before, bn.weight, bn.bias, "renorm", rmax=3.0, dmax=5.0)
+    torch.testing.assert_close(bn(x), full)
+    bn.num_batches_tracked.fill_(150)  # half-way: rmax 2, dmax 2.5
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    half = reference_bn(x, *before, bn.weight, bn.bias, "renorm", rmax=2.0, dmax=2.5)
+    torch.testing.assert_close(bn(x), half)
+
+
+# -- bad input and faults ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["torch", "test_time", "renorm", "batch_no_update"])
+def test_one_value_per_channel_error_names_layer(preset):
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    bnctl.apply(model, preset)
+    with pytest.raises(ValueError, match=r"^1: .*\(1, 3\).*drop_last=True"):
+        model.train()(torch.randn(1, 4))
+
+
+def test_one_value_fallback_uses_running_stats_and_updates_nothing():
+    bn = pretrained(bnctl.Policy(fallback=True)).train()
+    before = copy.deepcopy(bn.state_dict())
+    x = torch.randn(1, 3, 1, 1)
+    y = bn(x)
+    torch.testing.assert_close(
+        y, reference_bn(x, before["running_mean"], before["running_var"], bn.weight, bn.bias, "running")
+    )
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_non_finite_batch_never_reaches_buffers(preset):
+    bn = pretrained(preset).train()
+    before = copy.deepcopy(bn.state_dict())
+    x = torch.randn(8, 3, 4, 4)
+    x[0, 1, 0, 0] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = bn(x)
+    assert torch.isnan(y).any()  # NaN in, NaN out: not hidden
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    updates = EXPECTED[preset][0][1]
+    assert bn.skipped_updates == int(updates)
+    assert any("skipped" in str(w.message) for w in caught) is updates
+    bn(torch.randn(8, 3, 4, 4))  # a finite batch afterwards updates again
+    assert int(bn.num_batches_tracked) == 100 + updates
+
+
+def test_empty_batch_updates_nothing():
+    bn = pretrained("torch").train()
+    before = copy.deepcopy(bn.state_dict())
+    y = bn(torch.randn(0, 3, 4, 4))
+    assert y.shape == (0, 3, 4, 4)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_wrong_channels_and_dims_are_clear():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(3))
+    bnctl.apply(model, "torch")
+    with pytest.raises(ValueError, match=r"^1: expected 3 channels in dim 1, got input of shape \(2, 4, 5, 5\)"):
+        model(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"^1: expected 4D input \(got 3D input\)"):
+        model[1](torch.randn(2, 3, 5))
+
+
+def test_repr_shows_policy():
+    assert "policy=frozen" in repr(bnctl.BatchNorm2d(3, policy="frozen"))
