@@ -109,6 +109,11 @@ class _PolicyForward(_BatchNorm):
             )
 
     @property
+    def policy(self) -> Policy:
+        """This layer's :class:`bnctl.Policy` (change it with :func:`bnctl.apply`)."""
+        return self._bnctl.policy
+
+    @property
     def skipped_updates(self) -> int:
         """Running updates skipped because the batch statistics were non-finite."""
         skipped = self._bnctl.skipped
@@ -305,11 +310,6 @@ class _Constructor:
         base = next(k for k in type(self).__mro__ if k.__module__.startswith("torch."))
         self._bnctl = LayerState(TORCH, type(self).__name__, base)
         set_policy(self, policy, type(self).__name__)  # type: ignore[arg-type]
-
-    @property
-    def policy(self) -> Policy:
-        """This layer's :class:`bnctl.Policy`."""
-        return self._bnctl.policy  # type: ignore[attr-defined]
 
 
 class BatchNorm1d(_Constructor, nn.BatchNorm1d, _PolicyForward):

@@ -1,0 +1,306 @@
+"""Model-level control: apply, remove, using, revert, no_update, param_groups."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnctl
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6))
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def trained_net():
+    net = Net().train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, 3, 4, 4))
+    return net
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm-style look-alike: BatchNorm computed inside forward, then dropout and activation."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, self.momentum, self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class SuperAct2d(nn.BatchNorm2d):
+    """A subclass whose forward delegates to super().forward and adds an activation."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision-style look-alike: buffers only, not a _BatchNorm."""
+
+    def __init__(self, n):
+        super().__init__()
+        for k, v in [("weight", torch.ones(n)), ("bias", torch.zeros(n)),
+                     ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n))]:
+            self.register_buffer(k, v)
+
+
+def test_apply_keeps_identity_params_buffers_hooks_and_isinstance():
+    net = trained_net()
+    bn = net.stem[1]
+    ids = (id(bn), id(bn.weight), id(bn.running_mean))
+    calls = []
+    bn.register_forward_hook(lambda *a: calls.append(1))
+    handle = bnctl.apply(net, "frozen_stats")
+    assert (id(net.stem[1]), id(bn.weight), id(bn.running_mean)) == ids
+    assert isinstance(bn, nn.BatchNorm2d) and type(bn).__name__ == "BatchNorm2d"
+    net(torch.randn(2, 3, 4, 4))
+    assert calls == [1]
+    assert handle.layers == ["stem.1", "block.1", "head.2"]
+
+
+def test_policy_survives_train_eval_sequences():
+    net = trained_net()
+    bnctl.apply(net, "frozen")
+    before = copy.deepcopy(net.state_dict())
+    for flag in (True, False, True):
+        net.train(flag)
+        net(torch.randn(4, 3, 4, 4))
+    net = net.train()
+    net(torch.randn(4, 3, 4, 4))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_frozen_in_train_equals_torch_eval_output():
+    net = trained_net()
+    ref = copy.deepcopy(net).eval()
+    bnctl.apply(net, "frozen")
+    net.train()
+    net.block[2].p = 0.0  # dropout off for the comparison
+    x = torch.randn(4, 3, 4, 4)
+    assert torch.equal(net(x), ref(x))
+
+
+def test_remove_restores_exactly():
+    net = trained_net()
+    classes = [type(m) for m in net.modules()]
+    flags = [p.requires_grad for p in net.parameters()]
+    state = copy.deepcopy(net.state_dict())
+    handle = bnctl.apply(net, "frozen")
+    handle.remove()
+    handle.remove()  # idempotent
+    assert [type(m) for m in net.modules()] == classes
+    assert [p.requires_grad for p in net.parameters()] == flags
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert not any(hasattr(m, "_bnctl") for m in net.modules())
+
+
+def test_nested_handles_and_out_of_order_removal_is_refused():
+    net = trained_net()
+    outer = bnctl.apply(net, "frozen")
+    inner = bnctl.apply(net, "running_update", include="stem.*")
+    with pytest.raises(RuntimeError, match="reverse order"):
+        outer.remove()
+    assert net.stem[1].policy.name == "running_update"  # nothing was changed by the refusal
+    inner.remove()
+    assert net.stem[1].policy.name == "frozen"
+    outer.remove()
+    assert type(net.stem[1]) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize(
+    "include,exclude,expected",
+    [
+        ("stem.*", None, ["stem.1"]),
+        (["stem.*", "head.*"], None, ["stem.1", "head.2"]),
+        (None, "head.*", ["stem.1", "block.1"]),
+        (lambda name, m: isinstance(m, nn.BatchNorm1d), None, ["head.2"]),
+    ],
+)
+def test_include_exclude(include, exclude, expected):
+    handle = bnctl.apply(trained_net(), "frozen", include=include, exclude=exclude)
+    assert handle.layers == expected
+
+
+def test_nothing_selected_is_an_error():
+    with pytest.raises(ValueError, match="stem.1"):
+        bnctl.apply(trained_net(), "frozen", include="nope.*")
+
+
+def test_single_layer_and_context_manager():
+    bn = nn.BatchNorm1d(3).train()
+    with bnctl.using(bn, "batch_no_update"):
+        bn(torch.randn(4, 3))
+        assert type(bn) is not nn.BatchNorm1d
+    assert type(bn) is nn.BatchNorm1d and int(bn.num_batches_tracked) == 0
+    with pytest.raises(KeyError):
+        with bnctl.using(bn, "frozen_stats"):
+            raise KeyError("boom")
+    assert type(bn) is nn.BatchNorm1d and not hasattr(bn, "_bnctl")
+
+
+def test_optimizer_built_before_keeps_working():
+    net = trained_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    w = net.stem[1].weight.clone()
+    bnctl.apply(net, "frozen_stats")
+    net(torch.randn(4, 3, 4, 4)).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(net.stem[1].weight, w)  # affine still learns
+
+
+def test_subclass_calling_super_keeps_its_activation():
+    bn = SuperAct2d(3)
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)
+    bnctl.apply(bn, "frozen_stats")
+    y = bn.train()(torch.randn(4, 3, 2, 2))
+    assert (y == 0).all()  # normalized with running mean 5, then ReLU
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_subclass_computing_batchnorm_itself_is_refused_then_registered():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3), nn.BatchNorm2d(3))
+    with pytest.raises(TypeError, match=r"^1: .*BatchNormAct2d overrides forward.*register_subclass"):
+        bnctl.apply(model, "frozen")
+    assert type(model[2]) is nn.BatchNorm2d  # nothing was half-converted
+    handle = bnctl.apply(model, "frozen", exclude="1")
+    handle.remove()
+    bnctl.register_subclass(BatchNormAct2d, lambda layer, y: layer.act(layer.drop(y)))
+    try:
+        bnctl.apply(model, "frozen")
+        with torch.no_grad():
+            model[1].running_mean.fill_(100.0)
+        y = model[1].train()(torch.randn(4, 3, 2, 2))
+        assert (y == 0).all() and int(model[1].num_batches_tracked) == 0
+    finally:
+        bnctl.modules._ADAPTERS.pop(BatchNormAct2d)
+
+
+def test_sync_batchnorm_on_cpu_and_lazy_batchnorm():
+    sync = nn.SyncBatchNorm(3)
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(sync.state_dict())
+    bnctl.apply(sync, "torch")
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.equal(sync.train()(x), ref.train()(x))
+    bnctl.apply(sync, "frozen")
+    sync(x)
+    assert torch.equal(sync.num_batches_tracked, ref.num_batches_tracked)
+
+    lazy = nn.LazyBatchNorm2d()
+    with pytest.raises(ValueError, match="materialized"):
+        bnctl.apply(lazy, "frozen")
+    lazy(x)
+    bnctl.apply(lazy, "frozen")
+    lazy(x)
+    assert int(lazy.num_batches_tracked) == 1
+
+
+def test_frozen_batchnorm_lookalike_is_not_touched():
+    model = nn.Sequential(FrozenBatchNorm2d(3), nn.BatchNorm2d(3))
+    assert bnctl.apply(model, "frozen_stats").layers == ["1"]
+
+
+def test_track_running_stats_false_refuses_running_policies():
+    model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        bnctl.apply(model, "frozen")
+    bnctl.apply(model, "test_time")
+
+
+def test_warns_when_freezing_never_updated_statistics():
+    with pytest.warns(UserWarning, match="never updated"):
+        bnctl.apply(Net(), "frozen")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bnctl.apply(trained_net(), "frozen")
+        bnctl.apply(Net(), "running_update")
+
+
+def test_revert_gives_plain_modules_with_state():
+    net = Net()
+    net.stem[1] = bnctl.BatchNorm2d(4, policy="frozen")
+    bnctl.apply(net, "running_update", include="block.*")
+    net(torch.randn(4, 3, 4, 4))
+    state = copy.deepcopy(net.state_dict())
+    assert bnctl.revert(net) is net
+    assert type(net.stem[1]) is nn.BatchNorm2d and type(net.block[1]) is nn.BatchNorm2d
+    assert not any(hasattr(m, "_bnctl") for m in net.modules())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k])
+    torch.save(net, __import__("io").BytesIO())  # a plain model pickles
+
+
+def test_no_update_keeps_normalization_updates_nothing_and_restores():
+    net = trained_net()
+    bnctl.apply(net, "running_update", include="stem.*")
+    before = copy.deepcopy(net.state_dict())
+    net.train()
+    net.block[2].p = 0.0
+    x = torch.randn(4, 3, 4, 4)
+    with bnctl.no_update(net):
+        y = net(x)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert net.stem[1].policy.name == "running_update"
+    assert type(net.block[1]) is nn.BatchNorm2d
+    assert torch.equal(y, net(x))  # same normalization as outside the context
+    with pytest.raises(ZeroDivisionError):
+        with bnctl.no_update(net):
+            1 / 0
+    assert type(net.block[1]) is nn.BatchNorm2d
+
+
+def test_param_groups_by_module_type():
+    net = trained_net()
+    bnctl.apply(net, "frozen", include="stem.*")
+    groups = bnctl.param_groups(net, lr=0.1, bn_lr=1e-3, weight_decay=5e-4)
+    by_name = {g["name"]: g for g in groups}
+    bn_ids = {id(p) for p in by_name["batchnorm"]["params"]}
+    assert bn_ids == {id(p) for m in (net.block[1], net.head[2]) for p in m.parameters()}
+    assert by_name["batchnorm"]["lr"] == 1e-3 and by_name["batchnorm"]["weight_decay"] == 0.0
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids))
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert set(all_ids) == trainable
+    torch.optim.AdamW(groups)
+
+
+def test_forum_settings_are_different_and_bnctl_gives_each():
+    """bn.eval() vs train()+momentum=0+requires_grad=False (the forum thread)."""
+    base = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        base.running_mean.fill_(1.0)
+        base.running_var.fill_(4.0)
+        base.num_batches_tracked.fill_(10)
+    x = torch.randn(8, 3, 4, 4)
+    s1 = copy.deepcopy(base).eval()
+    s2 = copy.deepcopy(base).train()
+    s2.momentum = 0.0
+    frozen = copy.deepcopy(base)
+    bnctl.apply(frozen, "frozen")
+    assert not torch.allclose(s1(x), s2(x))  # setting 2 normalizes with batch statistics
+    assert int(s2.num_batches_tracked) == 11  # ... and still counts batches
+    assert torch.equal(frozen.train()(x), s1(x))
+    assert int(frozen.num_batches_tracked) == 10
