@@ -116,4 +116,4 @@ def test_the_gradient_test_can_fail(monkeypatch):
 
     monkeypatch.setattr(ag._NormalizeWithStats, "backward", staticmethod(wrong))
     with pytest.raises(AssertionError):
-        test_matches_reference_autograd_random_upstream(("running", "none"), (4, 3, 5, 5), torch.float64)
+        test_matches_reference_autograd_random_upstream((0.3, "none"), (4, 3, 5, 5), torch.float64)

@@ -4,11 +4,12 @@ One function lives here: normalization with given per-channel statistics,
 
 .. math:: y = (x - \\mu) \\cdot \\frac{w}{\\sqrt{\\sigma^2 + \\epsilon}} + b
 
-with PyTorch's eval-mode kernel forward and a scale-and-shift backward. With the
-running buffers as ``mu``/``sigma2`` it is eval-mode BatchNorm with a faster
-backward than PyTorch's CPU kernel (and gradients for the statistics too);
-with statistics computed from the batch by differentiable torch ops, autograd
-chains through it to give blended ("prior") BatchNorm its gradient.
+with PyTorch's eval-mode kernel forward and a backward that also gives the
+gradients of ``mu`` and ``sigma2`` (PyTorch's kernel treats them as constants).
+With statistics computed from the batch by differentiable torch ops, autograd
+chains through it to give blended ("prior") BatchNorm its gradient. Constant
+statistics (the running buffers) go through PyTorch's own kernel instead,
+which measured faster on the CPU (see benchmarks/).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ __all__ = [
     "batch_norm",
     "batch_stats",
     "ema_update_",
+    "Status",
     "cumulative_update_",
     "renorm_limits",
 ]
@@ -74,11 +75,54 @@ def _differentiable_stats(x: Tensor) -> BatchStats:
     return BatchStats(mean, var, _values_per_channel(x))
 
 
-def _all_finite(*tensors: Tensor) -> Tensor:
-    ok = torch.isfinite(tensors[0]).all()
-    for t in tensors[1:]:
-        ok = ok & torch.isfinite(t).all()
-    return ok
+Status = Union[bool, Tensor]
+"""Whether an update was applied: a bool on the CPU, a 0-dim bool tensor elsewhere."""
+
+
+def _commit(
+    pairs: list[tuple[Tensor, Tensor]],
+    num_batches_tracked: Tensor | None,
+    host_check: bool | None = None,
+) -> Status:
+    """Copy each candidate into its target, all or none: none if any candidate is non-finite.
+
+    Channels whose target was already non-finite are ignored, so a damaged
+    buffer can heal. On the CPU the check branches in Python (free there); on
+    other devices it is a masked copy, so no forward waits for the device.
+    ``host_check`` overrides that choice (for tests).
+    """
+    if host_check is None:
+        host_check = pairs[0][0].device.type == "cpu"
+    if host_check:
+        ok = all(bool(torch.isfinite(new).all()) for _, new in pairs)
+        if not ok:
+            ok = all(
+                bool((torch.isfinite(new) | ~torch.isfinite(old)).all()) for old, new in pairs
+            )
+        if ok:
+            for old, new in pairs:
+                old.copy_(new)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+        return ok
+    flag = torch.ones((), dtype=torch.bool, device=pairs[0][0].device)
+    for old, new in pairs:
+        flag = flag & (torch.isfinite(new) | ~torch.isfinite(old)).all()
+    for old, new in pairs:
+        old.copy_(torch.where(flag, new, old))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(flag.to(num_batches_tracked.dtype))
+    return flag
+
+
+def _ema_weight(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """EMA weight of the new batch; ``momentum=None`` is PyTorch's cumulative average."""
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None.")
+    # Same float as PyTorch's `num_batches_tracked.add_(1); 1.0 / float(num_batches_tracked)`.
+    return 1.0 / float(num_batches_tracked + 1)
 
 
 def ema_update_(
@@ -87,7 +131,7 @@ def ema_update_(
     num_batches_tracked: Tensor | None,
     stats: BatchStats,
     momentum: float | None,
-) -> Tensor:
+) -> Status:
     """Exponential (or, with ``momentum=None``, cumulative-average) update in place.
 
     ``momentum=None`` uses ``m = 1 / num_batches_tracked`` after the
@@ -95,27 +139,19 @@ def ema_update_(
     non-finite.
 
     Returns:
-        A 0-dim bool tensor: ``True`` when the update was applied.
+        Whether the update was applied (a bool on the CPU, a 0-dim bool tensor elsewhere).
     """
     with torch.no_grad():
+        weight = _ema_weight(momentum, num_batches_tracked)
         mean = stats.mean.to(running_mean.dtype)
         var_unbiased = stats.var.to(running_var.dtype) * (stats.n / (stats.n - 1))
-        ok = _all_finite(mean, var_unbiased)
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError(
-                    "momentum=None (cumulative average) needs num_batches_tracked, got None."
-                )
-            weight = (num_batches_tracked + 1).reciprocal().to(running_mean.dtype)
-        else:
-            weight = momentum
-        running_mean.copy_(torch.where(ok, torch.lerp(running_mean, mean, weight), running_mean))
-        running_var.copy_(
-            torch.where(ok, torch.lerp(running_var, var_unbiased, weight), running_var)
+        return _commit(
+            [
+                (running_mean, torch.lerp(running_mean, mean, weight)),
+                (running_var, torch.lerp(running_var, var_unbiased, weight)),
+            ],
+            num_batches_tracked,
         )
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-    return ok
 
 
 @dataclass
@@ -130,27 +166,21 @@ class Accumulator:
     count: Tensor  # float64 scalar
     mean: Tensor  # float64 (C,)
     m2: Tensor  # float64 (C,)
-    batches: int = 0
 
     @classmethod
     def empty(cls, num_features: int, device: torch.device | None = None) -> Accumulator:
         zeros = torch.zeros(num_features, dtype=torch.float64, device=device)
         return cls(torch.zeros((), dtype=torch.float64, device=device), zeros, zeros.clone())
 
-    def merge_(self, stats: BatchStats) -> Tensor:
-        """Merge one batch's (n, mean, biased var); returns whether it was finite."""
+    def merged(self, stats: BatchStats) -> list[tuple[Tensor, Tensor]]:
+        """(current, merged) pairs for one more batch's (n, mean, biased var)."""
         mean_b = stats.mean.to(torch.float64)
         m2_b = stats.var.to(torch.float64) * stats.n
-        ok = _all_finite(mean_b, m2_b)
         total = self.count + stats.n
         delta = mean_b - self.mean
-        new_mean = self.mean + delta * (stats.n / total)
-        new_m2 = self.m2 + m2_b + delta * delta * (self.count * stats.n / total)
-        self.mean = torch.where(ok, new_mean, self.mean)
-        self.m2 = torch.where(ok, new_m2, self.m2)
-        self.count = torch.where(ok, total, self.count)
-        self.batches += 1
-        return ok
+        mean = self.mean + delta * (stats.n / total)
+        m2 = self.m2 + m2_b + delta * delta * (self.count * stats.n / total)
+        return [(self.mean, mean), (self.m2, m2), (self.count, total)]
 
     def population(self) -> tuple[Tensor, Tensor]:
         """(mean, unbiased variance) of everything merged so far."""
@@ -163,7 +193,7 @@ def cumulative_update_(
     num_batches_tracked: Tensor | None,
     stats: BatchStats,
     accumulator: Accumulator,
-) -> Tensor:
+) -> Status:
     """Merge a batch into ``accumulator`` and write the exact population statistics.
 
     ``running_mean``/``running_var`` become the mean and unbiased variance of
@@ -171,16 +201,17 @@ def cumulative_update_(
     for a batch with non-finite statistics.
 
     Returns:
-        A 0-dim bool tensor: ``True`` when the update was applied.
+        Whether the update was applied (a bool on the CPU, a 0-dim bool tensor elsewhere).
     """
     with torch.no_grad():
-        ok = accumulator.merge_(stats)
-        mean, var = accumulator.population()
-        running_mean.copy_(torch.where(ok, mean.to(running_mean.dtype), running_mean))
-        running_var.copy_(torch.where(ok, var.to(running_var.dtype), running_var))
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-    return ok
+        pairs = accumulator.merged(stats)
+        (_, mean), (_, m2), (_, count) = pairs
+        var = m2 / (count - 1).clamp_min(1)
+        pairs += [
+            (running_mean, mean.to(running_mean.dtype)),
+            (running_var, var.to(running_var.dtype)),
+        ]
+        return _commit(pairs, num_batches_tracked)
 
 
 def renorm_limits(
@@ -251,30 +282,18 @@ def _native_ema(
     bias: Tensor | None,
     momentum: float | None,
     eps: float,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Status]:
     """PyTorch's own train-mode BatchNorm, bit for bit, with the non-finite guard.
 
-    The native kernel updates copies of the buffers; they are committed only
-    if finite. (Autograd may save the tensors passed to the kernel, so the
-    copies, not the buffers, are what it sees.)
+    The native kernel updates copies of the buffers, committed only if
+    finite. (Autograd keeps the tensors passed to the kernel for backward,
+    so those must be the copies, not the buffers.)
     """
     new_mean, new_var = running_mean.clone(), running_var.clone()
-    factor = 0.0 if momentum is None else momentum
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / float(num_batches_tracked)
+    factor = _ema_weight(momentum, num_batches_tracked)
     out = F.batch_norm(x, new_mean, new_var, weight, bias, True, factor, eps)
     with torch.no_grad():
-        # The stored statistics turn non-finite exactly when the batch's do
-        # (0 * nan is nan); channels that were already non-finite are ignored.
-        ok = (torch.isfinite(new_mean) | ~torch.isfinite(running_mean)).all() & (
-            torch.isfinite(new_var) | ~torch.isfinite(running_var)
-        ).all()
-        running_mean.copy_(torch.where(ok, new_mean, running_mean))
-        running_var.copy_(torch.where(ok, new_var, running_var))
-        if num_batches_tracked is not None:
-            num_batches_tracked.sub_((~ok).to(num_batches_tracked.dtype))
+        ok = _commit([(running_mean, new_mean), (running_var, new_var)], num_batches_tracked)
     return out, ok
 
 
@@ -292,13 +311,13 @@ def batch_norm_with_status(
     accumulator: Accumulator | None = None,
     renorm: tuple[Tensor | float, Tensor | float] = (3.0, 5.0),
     fallback: bool = False,
-    native_running: bool = False,
     layer: str = "BatchNorm",
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Status | None]:
     """:func:`batch_norm`, also returning whether the running update was applied.
 
-    The second value is ``None`` when no update was attempted, else a 0-dim
-    bool tensor (``False``: skipped for non-finite statistics).
+    The second value is ``None`` when no update was attempted, else whether
+    it was applied (``False``: skipped for non-finite statistics), as a bool
+    on the CPU and a 0-dim bool tensor elsewhere.
     """
     normalize, update = mode
     has_running = running_mean is not None and running_var is not None
@@ -321,8 +340,8 @@ def batch_norm_with_status(
     elif n == 1 and update != "none":
         # Normalizing with running statistics is well defined, but one value per channel
         # has no unbiased variance: skip the update and report it as skipped.
-        out = normalize_with_stats(x, running_mean, running_var, weight, bias, eps)
-        return out, torch.zeros((), dtype=torch.bool, device=x.device)
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+        return out, False
 
     if normalize == "batch":
         if update == "ema":
@@ -334,10 +353,15 @@ def batch_norm_with_status(
             return out, None
         stats = batch_stats(x)
     elif normalize == "running":
-        if update == "none" and native_running:
+        # PyTorch's eval kernel, forward and backward (measured faster on the CPU than a
+        # scale-and-shift formulation, see benchmarks/). Autograd keeps the statistics
+        # passed to it for backward, so an update that follows must not touch those.
+        if update == "none":
             return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps), None
-        stats = batch_stats(x) if update != "none" else None
-        out = normalize_with_stats(x, running_mean, running_var, weight, bias, eps)
+        stats = batch_stats(x)
+        out = F.batch_norm(
+            x, running_mean.clone(), running_var.clone(), weight, bias, False, 0.0, eps
+        )
     elif normalize == "renorm":
         stats = batch_stats(x)
         out = _renorm(x, stats, running_mean, running_var, weight, bias, eps, renorm)
@@ -374,7 +398,6 @@ def batch_norm(
     accumulator: Accumulator | None = None,
     renorm: tuple[Tensor | float, Tensor | float] = (3.0, 5.0),
     fallback: bool = False,
-    native_running: bool = False,
     layer: str = "BatchNorm",
 ) -> Tensor:
     """BatchNorm whose statistics and update are chosen explicitly by ``mode``.
@@ -401,10 +424,6 @@ def batch_norm(
         renorm: ``(r_max, d_max)`` for ``normalize="renorm"``.
         fallback: normalize a one-value-per-channel batch with the running
             statistics (updating nothing) instead of raising.
-        native_running: for ``Mode("running", "none")``, use PyTorch's eval-mode
-            backward too (bit-identical gradients, as the ``torch`` preset
-            needs) instead of bnctl's faster scale-and-shift backward. The
-            forward is PyTorch's eval kernel either way.
         layer: the layer's name, for error messages.
 
     Returns:
@@ -435,7 +454,6 @@ def batch_norm(
         accumulator=accumulator,
         renorm=renorm,
         fallback=fallback,
-        native_running=native_running,
         layer=layer,
     )
     return out

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import Accumulator, batch_norm_with_status, renorm_limits
+from .functional import Accumulator, Status, batch_norm_with_status, renorm_limits
 from .policy import TORCH, Policy, get_policy, resolve_mode
 
 __all__ = [
@@ -39,7 +39,8 @@ class LayerState:
     ``origin`` is the class the layer had before bnctl touched it, and
     ``requires_grad`` its parameters' flags then; :func:`bnctl.revert`
     restores both. ``skipped`` counts running updates skipped for
-    non-finite statistics, on the layer's device (no host synchronization).
+    non-finite statistics: an int on the CPU, a tensor on the layer's device
+    elsewhere (no host synchronization).
     """
 
     policy: Policy
@@ -47,7 +48,7 @@ class LayerState:
     origin: type
     requires_grad: tuple[bool, bool] | None = None
     accumulator: Accumulator | None = None
-    skipped: Tensor | None = field(default=None, repr=False)
+    skipped: int | Tensor | None = field(default=None, repr=False)
 
 
 class _PolicyForward(_BatchNorm):
@@ -85,7 +86,6 @@ class _PolicyForward(_BatchNorm):
             accumulator=state.accumulator,
             renorm=limits,
             fallback=state.policy.fallback,
-            native_running=state.policy == TORCH,
             layer=state.name,
         )
         if ok is not None:
@@ -137,21 +137,24 @@ def _expected_shape(layer: _BatchNorm) -> str:
     return "(N, C, ...)"
 
 
-def _count_skip(layer: _BatchNorm, state: LayerState, ok: Tensor) -> None:
+def _count_skip(layer: _BatchNorm, state: LayerState, ok: Status) -> None:
+    if isinstance(ok, bool):  # on the CPU: count and warn at once
+        if not ok:
+            state.skipped = (0 if state.skipped is None else state.skipped) + 1
+            warnings.warn(
+                f"{state.name}: skipped the running-statistics update of this batch "
+                "(non-finite or undefined batch statistics); running_mean, running_var and "
+                f"num_batches_tracked are unchanged ({int(state.skipped)} skipped so far). "
+                "Check the input and the preceding layers for overflow.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return
+    # Elsewhere reading the flag would make every forward wait for the device: count
+    # on the device; report() and skipped_updates read the count.
     if state.skipped is None:
         state.skipped = torch.zeros((), dtype=torch.long, device=ok.device)
-    state.skipped.add_((~ok).to(torch.long))
-    # On the CPU reading the flag costs nothing; elsewhere it would synchronize the
-    # device on every forward, so there the count is only read by report()/skipped_updates.
-    if ok.device.type == "cpu" and not bool(ok):
-        warnings.warn(
-            f"{state.name}: skipped the running-statistics update of this batch (non-finite "
-            f"or undefined batch statistics); running_mean, running_var and "
-            f"num_batches_tracked are unchanged ({int(state.skipped)} skipped so far). "
-            "Check the input and the preceding layers for overflow.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    state.skipped += (~ok).to(torch.long)
 
 
 # -- classes for existing layers ---------------------------------------------------------
