@@ -304,3 +304,19 @@ def test_forum_settings_are_different_and_bnctl_gives_each():
     assert int(s2.num_batches_tracked) == 11  # ... and still counts batches
     assert torch.equal(frozen.train()(x), s1(x))
     assert int(frozen.num_batches_tracked) == 10
+
+
+def test_real_timm_batchnormact2d_is_refused_or_registered():
+    """Where timm is installed (not in CI): its BatchNormAct2d keeps its activation."""
+    timm_norm = pytest.importorskip("timm.layers.norm_act")
+    layer = timm_norm.BatchNormAct2d(3, act_layer=nn.ReLU)
+    with pytest.raises(TypeError, match="BatchNormAct2d"):
+        bnctl.apply(layer, "frozen")
+    bnctl.register_subclass(timm_norm.BatchNormAct2d, lambda m, y: m.act(m.drop(y)))
+    try:
+        bnctl.apply(layer, "frozen")
+        with torch.no_grad():
+            layer.running_mean.fill_(100.0)
+        assert (layer.train()(torch.randn(4, 3, 2, 2)) == 0).all()
+    finally:
+        bnctl.modules._ADAPTERS.pop(timm_norm.BatchNormAct2d)

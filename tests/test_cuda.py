@@ -1,0 +1,90 @@
+"""The same contracts on a CUDA device (skipped without one; CI has none)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bnctl
+from conftest import TOL, reference_bn
+from test_autograd import MODES, make_inputs, ours
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEV = "cuda"
+
+
+def pair(**kwargs):
+    ref = nn.BatchNorm2d(8, **kwargs).to(DEV)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    mine = bnctl.BatchNorm2d(8, **kwargs).to(DEV)
+    mine.load_state_dict(ref.state_dict())
+    return ref, mine
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.0, None])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_torch_preset_bit_identical_cuda(momentum, fmt):
+    ref, mine = pair(momentum=momentum)
+    for training in (True, True, False, True):
+        ref.train(training), mine.train(training)
+        x = (torch.randn(16, 8, 7, 7, device=DEV) * 2 + 1).to(memory_format=fmt)
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yo = ref(xr), mine(xo)
+        g = torch.randn_like(yr)
+        yr.backward(g), yo.backward(g)
+        assert torch.equal(yr, yo) and torch.equal(xr.grad, xo.grad)
+        assert torch.equal(ref.weight.grad, mine.weight.grad)
+        for (k, a), b in zip(ref.state_dict().items(), mine.state_dict().values()):
+            assert torch.equal(a, b), k
+
+
+def test_torch_preset_bit_identical_cuda_autocast_fp16():
+    ref, mine = pair()
+    conv = nn.Conv2d(8, 8, 1).to(DEV)
+    for training in (True, False):
+        ref.train(training), mine.train(training)
+        x = torch.randn(16, 8, 7, 7, device=DEV)
+        with torch.autocast("cuda", dtype=torch.float16):
+            h = conv(x)
+            yr, yo = ref(h), mine(h)
+        assert yr.dtype == yo.dtype and torch.equal(yr, yo)
+        assert torch.equal(ref.running_var, mine.running_var)
+
+
+@pytest.mark.parametrize("preset", ["torch", "running_update", "renorm", "recalibrate"])
+def test_non_finite_guard_on_device_without_sync(preset):
+    _, bn = pair()
+    bn(torch.randn(16, 8, 4, 4, device=DEV))
+    bnctl.apply(bn, preset)
+    before = copy.deepcopy(bn.state_dict())
+    x = torch.randn(16, 8, 4, 4, device=DEV)
+    x[0, 3, 0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no host-side warning on the device path
+        bn.train()(x)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert bn.skipped_updates == 1
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_modes_match_reference_cuda_float64(mode):
+    x, rm, rv, w, b = (t.to(DEV).detach().requires_grad_(t.requires_grad) if t is not None else None
+                       for t in make_inputs((4, 3, 5, 5)))
+    y = ours(x, rm, rv, w, b, mode)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    ref_y = reference_bn(x, rm, rv, w, b, mode[0], rmax=1.5, dmax=0.5)
+    want = torch.autograd.grad(ref_y, (x, w, b), g)
+    torch.testing.assert_close(y, ref_y, **TOL[torch.float64])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+def test_gradcheck_blend_cuda():
+    x, rm, rv, w, b = (t.to(DEV).detach().requires_grad_(t.requires_grad) for t in make_inputs((2, 3, 1, 1)))
+    assert torch.autograd.gradcheck(lambda *a: ours(*a[:1], rm, rv, *a[1:], (0.4, "ema")), (x, w, b))
