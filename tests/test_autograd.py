@@ -34,10 +34,10 @@ def make_inputs(shape, dtype=torch.float64, affine=True):
 
 def ours(x, rm, rv, w, b, mode, **kwargs):
     """bnctl on fresh copies of the buffers, so repeated calls see the same function."""
-    acc = bnctl.Accumulator.empty(x.shape[1]) if mode[1] == "cumulative" else None
+    acc = bnctl.Accumulator.empty(x.shape[1], x.device) if mode[1] == "cumulative" else None
     return batch_norm(
         x, rm.clone(), rv.clone(), w, b, mode=Mode(*mode), accumulator=acc,
-        num_batches_tracked=torch.tensor(0), renorm=(1.5, 0.5), **kwargs
+        num_batches_tracked=torch.tensor(0, device=x.device), renorm=(1.5, 0.5), **kwargs
     )
 
 

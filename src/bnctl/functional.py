@@ -105,13 +105,15 @@ def _commit(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         return ok
-    flag = torch.ones((), dtype=torch.bool, device=pairs[0][0].device)
-    for old, new in pairs:
-        flag = flag & (torch.isfinite(new) | ~torch.isfinite(old)).all()
-    for old, new in pairs:
-        old.copy_(torch.where(flag, new, old))
+    # Device path, in few kernel launches: every candidate checked and committed at once.
+    olds = [old for old, _ in pairs]
+    news = torch.cat([new.reshape(-1).to(old.dtype) for old, new in pairs])
+    current = torch.cat([old.reshape(-1) for old in olds])
+    flag = (torch.isfinite(news) | ~torch.isfinite(current)).all()
+    merged = torch.where(flag, news, current)
+    torch._foreach_copy_(olds, [m.view_as(o) for m, o in zip(merged.split([o.numel() for o in olds]), olds)])
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(flag.to(num_batches_tracked.dtype))
+        num_batches_tracked.add_(flag)
     return flag
 
 

@@ -152,9 +152,9 @@ def _count_skip(layer: _BatchNorm, state: LayerState, ok: Status) -> None:
         return
     # Elsewhere reading the flag would make every forward wait for the device: count
     # on the device; report() and skipped_updates read the count.
-    if state.skipped is None:
-        state.skipped = torch.zeros((), dtype=torch.long, device=ok.device)
-    state.skipped += (~ok).to(torch.long)
+    if state.skipped is None or isinstance(state.skipped, int):
+        state.skipped = torch.full((), state.skipped or 0, dtype=torch.long, device=ok.device)
+    state.skipped.add_(~ok)
 
 
 # -- classes for existing layers ---------------------------------------------------------
