@@ -8,6 +8,7 @@ each of these an explicit, reversible choice per layer: a :class:`Policy`.
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
 from .functional import Accumulator, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass
+from .recalibrate import recalibrate, restore, snapshot
 from .policy import (
     PRESETS,
     Mode,
@@ -37,8 +38,11 @@ __all__ = [
     "momentum_from_half_life",
     "no_update",
     "param_groups",
+    "recalibrate",
     "register_subclass",
     "resolve_mode",
+    "restore",
     "revert",
+    "snapshot",
     "using",
 ]
