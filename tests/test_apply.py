@@ -226,6 +226,10 @@ def test_track_running_stats_false_refuses_running_policies():
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False))
     with pytest.raises(ValueError, match="track_running_stats=False"):
         bnctl.apply(model, "frozen")
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        bnctl.apply(model, "recalibrate")
+    with bnctl.no_update(model):  # nothing to freeze: allowed
+        model(torch.randn(2, 3, 2, 2))
     bnctl.apply(model, "test_time")
 
 

@@ -90,14 +90,20 @@ def _check_layer(name: str, layer: _BatchNorm, policy: Policy) -> None:
             "batch) before applying a bnctl policy."
         )
     policy_class(type(layer), name)  # raises for subclasses it cannot handle
-    if layer.running_mean is None and (policy.reads_running_stats or policy.updates):
-        if policy.name != "torch":
-            raise ValueError(
-                f"{name}: policy {policy.name or 'custom'!r} needs running statistics, but the "
-                "layer has none (built with track_running_stats=False). Exclude it, or use a "
-                "policy that normalizes with batch statistics and updates nothing (e.g. "
-                "'test_time')."
-            )
+    # Without running statistics a layer always normalizes with the batch and updates
+    # nothing (PyTorch's own rule); refuse policies that would silently mean otherwise.
+    needs_stats = (
+        policy.train_normalize != "batch"
+        or policy.eval_normalize not in ("batch", "running")
+        or (policy.updates and policy.name != "torch")
+    )
+    if layer.running_mean is None and needs_stats:
+        raise ValueError(
+            f"{name}: policy {policy.name or 'custom'!r} needs running statistics, but the "
+            "layer has none (built with track_running_stats=False). Exclude it, or use a "
+            "policy that normalizes with batch statistics and updates nothing (e.g. "
+            "'test_time')."
+        )
 
 
 def _never_updated(layer: _BatchNorm) -> bool:

@@ -139,7 +139,8 @@ def recalibrate(
             element is the input, or dicts of keyword arguments.
         num_batches: use this many batches (``None``: all of ``data``).
         layers: which BatchNorm layers (``fnmatch`` pattern(s) or a predicate
-            ``(name, module) -> bool``); default all.
+            ``(name, module) -> bool``); default all that have running
+            statistics.
         exclude: BatchNorm layers to leave alone (same forms).
         forward: ``forward(model, batch)`` for batches of any other form.
         strict: raise if a targeted layer never saw data (else warn).
@@ -162,7 +163,12 @@ def recalibrate(
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"expected num_batches >= 1 or None, got {num_batches}.")
-    targets = batchnorm_layers(model, layers, exclude)
+    # Layers built with track_running_stats=False have nothing to recalibrate.
+    targets = [
+        (name, layer)
+        for name, layer in batchnorm_layers(model, layers, exclude)
+        if layer.running_mean is not None
+    ]
     if not targets:
         raise ValueError(
             f"expected at least one BatchNorm layer to recalibrate, got none (layers={layers!r}, "
