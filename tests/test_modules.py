@@ -300,3 +300,12 @@ def test_wrong_channels_and_dims_are_clear():
 
 def test_repr_shows_policy():
     assert "policy=frozen" in repr(bnctl.BatchNorm2d(3, policy="frozen"))
+
+
+def test_batch_statistics_without_graph_match_reference():
+    bn = pretrained("recalibrate").eval()
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    with torch.no_grad():
+        y = bn(x)
+    want = reference_bn(x, None, None, bn.weight, bn.bias, "batch")
+    torch.testing.assert_close(y, want, **TOL[torch.float32])

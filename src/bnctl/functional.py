@@ -350,10 +350,15 @@ def batch_norm_with_status(
             return _native_ema(
                 x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps
             )
-        out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
         if update == "none":
-            return out, None
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), None
         stats = batch_stats(x)
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)
+        ):
+            out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        else:  # no graph (e.g. recalibration): normalize with the statistics just computed
+            out = F.batch_norm(x, stats.mean, stats.var, weight, bias, False, 0.0, eps)
     elif normalize == "running":
         # PyTorch's eval kernel, forward and backward (measured faster on the CPU than a
         # scale-and-shift formulation, see benchmarks/). Autograd keeps the statistics
