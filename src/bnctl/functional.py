@@ -188,6 +188,12 @@ class Accumulator:
         """(mean, unbiased variance) of everything merged so far."""
         return self.mean, self.m2 / (self.count - 1).clamp_min(1)
 
+    @staticmethod
+    def population_of(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(mean, unbiased variance) after a merge, from :meth:`merged`'s pairs."""
+        (_, mean), (_, m2), (_, count) = pairs
+        return mean, m2 / (count - 1).clamp_min(1)
+
 
 def cumulative_update_(
     running_mean: Tensor,
@@ -207,8 +213,7 @@ def cumulative_update_(
     """
     with torch.no_grad():
         pairs = accumulator.merged(stats)
-        (_, mean), (_, m2), (_, count) = pairs
-        var = m2 / (count - 1).clamp_min(1)
+        mean, var = Accumulator.population_of(pairs)
         pairs += [
             (running_mean, mean.to(running_mean.dtype)),
             (running_var, var.to(running_var.dtype)),

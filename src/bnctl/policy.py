@@ -48,16 +48,6 @@ class Mode(NamedTuple):
     normalize: Normalize
     update: Update
 
-    @property
-    def needs_batch_stats(self) -> bool:
-        """Whether this forward computes statistics of the batch."""
-        return self.normalize != "running" or self.update != "none"
-
-    @property
-    def needs_running_stats(self) -> bool:
-        """Whether this forward reads or writes the running buffers."""
-        return self.normalize != "batch" or self.update != "none"
-
 
 def _check_normalize(value: object, field: str) -> None:
     if isinstance(value, bool) or not (
