@@ -1,4 +1,4 @@
-"""recalibrate(), snapshot() and restore()."""
+"""recalibrate()."""
 
 import copy
 
@@ -95,14 +95,3 @@ def test_num_batches_and_dict_batches():
     assert int(model.bn.num_batches_tracked) == 2
     with pytest.raises(TypeError, match="forward="):
         bnctl.recalibrate(model, ["not a batch"])
-
-
-def test_snapshot_restore_by_name():
-    model = make_model()
-    saved = bnctl.snapshot(model)
-    model.train()(data(8))
-    assert int(model[1].num_batches_tracked) == 1
-    bnctl.restore(model, saved)
-    assert int(model[1].num_batches_tracked) == 0
-    with pytest.raises(ValueError, match="missing"):
-        bnctl.restore(nn.Sequential(nn.BatchNorm1d(3)), saved)

@@ -8,7 +8,8 @@ each of these an explicit, reversible choice per layer: a :class:`Policy`.
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
 from .functional import Accumulator, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass
-from .recalibrate import recalibrate, restore, snapshot
+from .recalibrate import recalibrate
+from .updates import accumulate, checkpoint_context, restore, snapshot
 from .policy import (
     PRESETS,
     Mode,
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accumulator",
+    "accumulate",
+    "checkpoint_context",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",

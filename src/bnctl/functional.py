@@ -36,6 +36,7 @@ __all__ = [
     "ema_update_",
     "Status",
     "cumulative_update_",
+    "commit_pooled_",
     "renorm_limits",
 ]
 
@@ -221,6 +222,30 @@ def cumulative_update_(
         return _commit(pairs, num_batches_tracked)
 
 
+def commit_pooled_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    pooled: Accumulator,
+    update: str,
+    momentum: float | None,
+    accumulator: Accumulator | None = None,
+) -> Status | None:
+    """Apply one ``update`` with the statistics pooled in ``pooled``, as if it were one batch.
+
+    Returns ``None`` when nothing was pooled (or fewer than two values).
+    """
+    n = int(pooled.count)
+    if n < 2:
+        return None
+    stats = BatchStats(pooled.mean, pooled.m2 / n, n)  # biased variance of the pooled batch
+    if update == "ema":
+        return ema_update_(running_mean, running_var, num_batches_tracked, stats, momentum)
+    if update == "cumulative" and accumulator is not None:
+        return cumulative_update_(running_mean, running_var, num_batches_tracked, stats, accumulator)
+    raise ValueError(f"expected update 'ema' or 'cumulative', got {update!r}.")
+
+
 def renorm_limits(
     rmax: float, dmax: float, warmup: tuple[int, int], step: Tensor | None
 ) -> tuple[Tensor | float, Tensor | float]:
@@ -318,6 +343,7 @@ def batch_norm_with_status(
     accumulator: Accumulator | None = None,
     renorm: tuple[Tensor | float, Tensor | float] = (3.0, 5.0),
     fallback: bool = False,
+    defer: Accumulator | None = None,
     layer: str = "BatchNorm",
 ) -> tuple[Tensor, Status | None]:
     """:func:`batch_norm`, also returning whether the running update was applied.
@@ -351,17 +377,21 @@ def batch_norm_with_status(
         return out, False
 
     if normalize == "batch":
-        if update == "ema":
+        if update == "ema" and defer is None:
             return _native_ema(
                 x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps
             )
+        # Copies of the buffers (updated by the kernel and dropped) make autograd save the
+        # same tensors as an updating forward, which activation checkpointing's
+        # recomputation under no_update() requires.
+        copies = (running_mean.clone(), running_var.clone()) if has_running else (None, None)
         if update == "none":
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), None
+            return F.batch_norm(x, *copies, weight, bias, True, 0.0, eps), None
         stats = batch_stats(x)
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias)
         ):
-            out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+            out = F.batch_norm(x, *copies, weight, bias, True, 0.0, eps)
         else:  # no graph (e.g. recalibration): normalize with the statistics just computed
             out = F.batch_norm(x, stats.mean, stats.var, weight, bias, False, 0.0, eps)
     elif normalize == "running":
@@ -387,6 +417,9 @@ def batch_norm_with_status(
 
     if update == "none":
         return out, None
+    if defer is not None:  # pool this batch's statistics; the buffers wait for the commit
+        with torch.no_grad():
+            return out, _commit(defer.merged(stats), None)
     if update == "ema":
         return out, ema_update_(running_mean, running_var, num_batches_tracked, stats, momentum)
     if accumulator is None:
@@ -410,6 +443,7 @@ def batch_norm(
     accumulator: Accumulator | None = None,
     renorm: tuple[Tensor | float, Tensor | float] = (3.0, 5.0),
     fallback: bool = False,
+    defer: Accumulator | None = None,
     layer: str = "BatchNorm",
 ) -> Tensor:
     """BatchNorm whose statistics and update are chosen explicitly by ``mode``.
@@ -436,6 +470,9 @@ def batch_norm(
         renorm: ``(r_max, d_max)`` for ``normalize="renorm"``.
         fallback: normalize a one-value-per-channel batch with the running
             statistics (updating nothing) instead of raising.
+        defer: when ``mode`` updates, merge this batch's statistics into this
+            :class:`Accumulator` instead of touching the buffers; commit the
+            pooled statistics later with :func:`commit_pooled_`.
         layer: the layer's name, for error messages.
 
     Returns:
@@ -466,6 +503,7 @@ def batch_norm(
         accumulator=accumulator,
         renorm=renorm,
         fallback=fallback,
+        defer=defer,
         layer=layer,
     )
     return out

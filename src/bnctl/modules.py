@@ -49,6 +49,15 @@ class LayerState:
     requires_grad: tuple[bool, bool] | None = None
     accumulator: Accumulator | None = None
     skipped: int | Tensor | None = field(default=None, repr=False)
+    pool: Pool | None = None
+
+
+@dataclass
+class Pool:
+    """Statistics pooled over several forwards by :func:`bnctl.accumulate`, not yet committed."""
+
+    accumulator: Accumulator | None = None
+    update: str | None = None
 
 
 class _PolicyForward(_BatchNorm):
@@ -73,6 +82,12 @@ class _PolicyForward(_BatchNorm):
                 state.policy.renorm_warmup,
                 self.num_batches_tracked,
             )
+        defer = None
+        if state.pool is not None and mode.update != "none":
+            if state.pool.accumulator is None:
+                state.pool.accumulator = Accumulator.empty(self.num_features, input.device)
+            state.pool.update = mode.update
+            defer = state.pool.accumulator
         out, ok = batch_norm_with_status(
             input,
             self.running_mean,
@@ -86,10 +101,11 @@ class _PolicyForward(_BatchNorm):
             accumulator=state.accumulator,
             renorm=limits,
             fallback=state.policy.fallback,
+            defer=defer,
             layer=state.name,
         )
         if ok is not None:
-            _count_skip(self, state, ok)
+            count_skip(self, state, ok)
         return out
 
     def _check_input(self, input: Tensor, name: str) -> None:
@@ -137,7 +153,8 @@ def _expected_shape(layer: _BatchNorm) -> str:
     return "(N, C, ...)"
 
 
-def _count_skip(layer: _BatchNorm, state: LayerState, ok: Status) -> None:
+def count_skip(layer: _BatchNorm, state: LayerState, ok: Status) -> None:
+    """Record the outcome of an attempted running update (warn on the CPU when skipped)."""
     if isinstance(ok, bool):  # on the CPU: count and warn at once
         if not ok:
             state.skipped = (0 if state.skipped is None else state.skipped) + 1

@@ -19,58 +19,14 @@ from torch import Tensor, nn
 
 from .apply import Selector, _apply, batchnorm_layers
 from .policy import Policy
+from .updates import restore, snapshot
 
-__all__ = ["recalibrate", "snapshot", "restore"]
+__all__ = ["recalibrate"]
 
 logger = logging.getLogger(__name__)
 
 _RECALIBRATE = Policy("batch", "cumulative", "batch", "cumulative", name="recalibrate")
 # learn_affine stays None: a recalibration never touches requires_grad.
-
-Snapshot = dict[str, tuple[Tensor, ...]]
-
-
-def snapshot(model: nn.Module) -> Snapshot:
-    """Copies of every BatchNorm layer's running statistics, by qualified name.
-
-    Example:
-        >>> model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
-        >>> saved = snapshot(model)
-        >>> _ = model.train()(torch.randn(4, 3))
-        >>> restore(model, saved)
-        >>> int(model[0].num_batches_tracked)
-        0
-    """
-    return {
-        name: tuple(
-            t.detach().clone()
-            for t in (layer.running_mean, layer.running_var, layer.num_batches_tracked)
-            if t is not None
-        )
-        for name, layer in batchnorm_layers(model)
-    }
-
-
-def restore(model: nn.Module, saved: Snapshot) -> None:
-    """Write a :func:`snapshot` back, matching layers by qualified name.
-
-    Raises:
-        ValueError: if the snapshot names a layer the model lacks.
-    """
-    layers = dict(batchnorm_layers(model))
-    missing = sorted(set(saved) - set(layers))
-    if missing:
-        raise ValueError(
-            f"expected the snapshot's BatchNorm layers in the model, missing: {missing}. "
-            "Restore into the model the snapshot was taken from."
-        )
-    with torch.no_grad():
-        for name, tensors in saved.items():
-            layer = layers[name]
-            buffers = [layer.running_mean, layer.running_var, layer.num_batches_tracked]
-            for buf, value in zip([b for b in buffers if b is not None], tensors):
-                buf.copy_(value)
-
 
 def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Tensor):
