@@ -95,3 +95,22 @@ def test_num_batches_and_dict_batches():
     assert int(model.bn.num_batches_tracked) == 2
     with pytest.raises(TypeError, match="forward="):
         bnctl.recalibrate(model, ["not a batch"])
+
+
+def test_per_batch_estimator_is_update_bn_and_underestimates_variance():
+    """estimator='per_batch' equals torch.optim.swa_utils.update_bn on the first layer."""
+    from torch.optim.swa_utils import update_bn
+
+    g = torch.Generator().manual_seed(3)
+    # non-i.i.d. batches: each has its own offset, so the spread between batch means matters
+    batches = [torch.randn(8, 2, 5, 5, generator=g) + 3 * i for i in range(4)]
+    ours = make_model().double().eval()
+    ref = copy.deepcopy(ours)
+    bnctl.recalibrate(ours, [b.double() for b in batches], estimator="per_batch")
+    update_bn([b.double() for b in batches], ref)
+    torch.testing.assert_close(ours[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(ours[1].running_var, ref[1].running_var)
+    assert ours[1].momentum == 0.1  # momentum restored
+    exact = copy.deepcopy(ours)
+    bnctl.recalibrate(exact, [b.double() for b in batches])
+    assert (exact[1].running_var > ours[1].running_var).all()

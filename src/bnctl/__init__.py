@@ -6,6 +6,7 @@ each of these an explicit, reversible choice per layer: a :class:`Policy`.
 """
 
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
+from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
 from .functional import Accumulator, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass
 from .recalibrate import recalibrate
@@ -24,6 +25,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accumulator",
+    "DEFAULT",
+    "add_domains",
+    "domain",
+    "domains",
+    "export_domain",
+    "remove_domains",
     "accumulate",
     "checkpoint_context",
     "BatchNorm1d",

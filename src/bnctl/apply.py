@@ -132,7 +132,7 @@ class PolicyHandle:
 
     def _set(self, layer: _BatchNorm, policy: Policy, name: str) -> None:
         cls, previous = type(layer), getattr(layer, "_bnctl", None)
-        flags = tuple(p.requires_grad for p in (layer.weight, layer.bias) if p is not None)
+        flags = tuple(p.requires_grad for p in layer.parameters(recurse=False))
         state = set_policy(layer, policy, name)
         self._saved.append((layer, cls, previous, state, flags))
         self.layers.append(name)
@@ -153,7 +153,7 @@ class PolicyHandle:
                 del layer._bnctl
             else:
                 layer._bnctl = prev
-            for param, flag in zip([p for p in (layer.weight, layer.bias) if p is not None], flags):
+            for param, flag in zip(layer.parameters(recurse=False), flags):
                 param.requires_grad_(flag)
         self.layers = []
 
@@ -311,8 +311,19 @@ def revert(model: nn.Module) -> nn.Module:
 
     Returns:
         ``model``, for chaining.
+
+    Raises:
+        ValueError: if a layer has extra domains (see :func:`bnctl.export_domain`).
     """
-    for _name, layer in batchnorm_layers(model):
+    layers = batchnorm_layers(model)
+    with_domains = [n or type(m).__name__ for n, m in layers if "_bnctl_domain_hook" in m.__dict__]
+    if with_domains:
+        raise ValueError(
+            f"{with_domains[0]}: expected a layer without extra domains, got one with domains "
+            "(their statistics would stay in the state dict). Use bnctl.export_domain(model, "
+            "name) for a plain model of one domain, or bnctl.remove_domains(model) first."
+        )
+    for _name, layer in layers:
         state: LayerState | None = getattr(layer, "_bnctl", None)
         if state is None:
             continue

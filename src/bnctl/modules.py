@@ -68,8 +68,11 @@ class _PolicyForward(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         state = self._bnctl
         self._check_input(input, state.name)
+        running_mean, running_var, num_batches_tracked, weight, bias = domain_tensors(
+            self, self.__dict__.get("_bnctl_domain")
+        )
         mode = resolve_mode(
-            state.policy, self.training, self.track_running_stats, self.running_mean is not None
+            state.policy, self.training, self.track_running_stats, running_mean is not None
         )
         momentum = self.momentum if state.policy.momentum is None else state.policy.momentum
         if mode.update == "cumulative" and state.accumulator is None:
@@ -80,7 +83,7 @@ class _PolicyForward(_BatchNorm):
                 state.policy.rmax,
                 state.policy.dmax,
                 state.policy.renorm_warmup,
-                self.num_batches_tracked,
+                num_batches_tracked,
             )
         defer = None
         if state.pool is not None and mode.update != "none":
@@ -90,14 +93,14 @@ class _PolicyForward(_BatchNorm):
             defer = state.pool.accumulator
         out, ok = batch_norm_with_status(
             input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
+            running_mean,
+            running_var,
+            weight,
+            bias,
             mode=mode,
             momentum=momentum,
             eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked,
+            num_batches_tracked=num_batches_tracked,
             accumulator=state.accumulator,
             renorm=limits,
             fallback=state.policy.fallback,
@@ -172,6 +175,36 @@ def count_skip(layer: _BatchNorm, state: LayerState, ok: Status) -> None:
     if state.skipped is None or isinstance(state.skipped, int):
         state.skipped = torch.full((), state.skipped or 0, dtype=torch.long, device=ok.device)
     state.skipped.add_(~ok)
+
+
+# -- domains (see domains.py): which tensors a forward uses -------------------------------
+
+DEFAULT = "default"
+"""The name of the canonical statistics (``running_mean``, ...)."""
+
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_AFFINE = ("weight", "bias")
+
+
+def _key(base: str, name: str) -> str:
+    return f"{base}__{name}"
+
+
+def domains(layer: nn.Module) -> list[str]:
+    """The domains of a layer, ``"default"`` first (derived from its buffers)."""
+    suffix = "running_mean__"
+    return [DEFAULT] + [k[len(suffix):] for k in layer._buffers if k.startswith(suffix)]
+
+
+def domain_tensors(layer: _BatchNorm, name: str | None) -> tuple[Any, ...]:
+    """``(running_mean, running_var, num_batches_tracked, weight, bias)`` of a domain."""
+    if name is None or name == DEFAULT:
+        return (layer.running_mean, layer.running_var, layer.num_batches_tracked,
+                layer.weight, layer.bias)
+    stats = tuple(layer._buffers[_key(k, name)] for k in _STATS)
+    affine = tuple(layer._parameters.get(_key(k, name), getattr(layer, k)) for k in _AFFINE)
+    return stats + affine
+
 
 
 # -- classes for existing layers ---------------------------------------------------------
@@ -311,9 +344,7 @@ def set_learn_affine(layer: _BatchNorm, learn: bool | None) -> None:
     """Set ``requires_grad`` of weight and bias; freezing also drops stale ``.grad``."""
     if learn is None:
         return
-    for param in (layer.weight, layer.bias):
-        if param is None:
-            continue
+    for param in layer.parameters(recurse=False):  # per-domain affine included
         param.requires_grad_(learn)
         if not learn:
             param.grad = None

@@ -8,6 +8,7 @@ model in eval), and everything is restored in ``finally``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 
 from .apply import Selector, _apply, batchnorm_layers
 from .policy import Policy
+from .domains import domain as domain_scope
+from .modules import domain_tensors
 from .updates import restore, snapshot
 
 __all__ = ["recalibrate"]
@@ -26,6 +29,7 @@ __all__ = ["recalibrate"]
 logger = logging.getLogger(__name__)
 
 _RECALIBRATE = Policy("batch", "cumulative", "batch", "cumulative", name="recalibrate")
+_PER_BATCH = Policy("batch", "ema", "batch", "ema", name="recalibrate")
 # learn_affine stays None: a recalibration never touches requires_grad.
 
 def _call(model: nn.Module, batch: Any) -> Any:
@@ -67,6 +71,8 @@ def recalibrate(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     strict: bool = True,
     progress: bool | None = None,
+    domain: str | None = None,
+    estimator: str = "exact",
 ) -> list[str]:
     """Recompute the running statistics of BatchNorm layers over ``data``, exactly.
 
@@ -74,8 +80,8 @@ def recalibrate(
     batch statistics and merge each batch's (count, mean, M2) in float64
     (Chan et al.'s parallel algorithm). Afterwards ``running_mean`` and
     ``running_var`` (unbiased) are the population statistics of every value
-    each layer saw, and ``num_batches_tracked`` has grown by the number of
-    batches merged. For the first BatchNorm layer the result does not depend
+    each layer saw, and ``num_batches_tracked`` is the number of batches
+    they come from. For the first BatchNorm layer the result does not depend
     on how the data is split into batches; deeper layers can, because the
     layers before them normalize with batch statistics during the pass (as in
     fvcore's precise BN). Unlike ``torch.optim.swa_utils.update_bn`` (a
@@ -101,6 +107,14 @@ def recalibrate(
         forward: ``forward(model, batch)`` for batches of any other form.
         strict: raise if a targeted layer never saw data (else warn).
         progress: show a tqdm bar (``None``: when stderr is a terminal and tqdm is installed).
+        domain: recalibrate this domain's statistics (see :func:`bnctl.domain`);
+            other domains and every parameter stay bit-identical (AdaBN).
+        estimator: ``"exact"`` (population statistics, above) or
+            ``"per_batch"``: the average of per-batch means and of per-batch
+            unbiased variances, what ``torch.optim.swa_utils.update_bn`` and
+            pycls compute. It leaves out the spread between batch means, so it
+            underestimates the variance when batches differ (small or
+            non-i.i.d. batches), and it depends on the batch size.
 
     Returns:
         The qualified names of the layers that were recalibrated.
@@ -130,13 +144,30 @@ def recalibrate(
             f"expected at least one BatchNorm layer to recalibrate, got none (layers={layers!r}, "
             f"exclude={exclude!r})."
         )
+    if estimator not in ("exact", "per_batch"):
+        raise ValueError(f"expected estimator 'exact' or 'per_batch', got {estimator!r}.")
     call = forward or _call
     saved = snapshot(model)
-    handle = _apply(targets, lambda _layer: _RECALIBRATE)
+    policy = _RECALIBRATE if estimator == "exact" else _PER_BATCH
+    handle = _apply(targets, lambda _layer: policy)
+    momenta = [layer.momentum for _, layer in targets]
+    reached: set[int] = set()
+    hooks = [layer.register_forward_pre_hook(lambda m, _i: reached.add(id(m))) for _, layer in targets]
     seen = 0
     done = False
     try:
-        with torch.no_grad():
+        with contextlib.ExitStack() as stack:
+            if domain is not None:
+                stack.enter_context(domain_scope(model, domain))
+            for _, layer in targets:
+                # the statistics are recomputed from scratch; num_batches_tracked counts the
+                # batches they come from
+                _rm, _rv, nbt, _w, _b = domain_tensors(layer, layer.__dict__.get("_bnctl_domain"))
+                if nbt is not None:
+                    nbt.zero_()
+                if estimator == "per_batch":
+                    layer.momentum = None  # PyTorch's cumulative average, as update_bn does
+            stack.enter_context(torch.no_grad())
             for batch in _progress(data, num_batches, progress):
                 if num_batches is not None and seen >= num_batches:
                     break
@@ -147,8 +178,7 @@ def recalibrate(
                 f"expected {num_batches} batches, got {seen}. Pass num_batches=None to use "
                 "all the data, or give more data."
             )
-        reached = [name for name, layer in targets if layer._bnctl.accumulator is not None]
-        unreached = [name or type(layer).__name__ for name, layer in targets if name not in reached]
+        unreached = [name or type(layer).__name__ for name, layer in targets if id(layer) not in reached]
         if unreached:
             message = (
                 f"BatchNorm layers never reached by the data: {unreached}. Check that the "
@@ -159,8 +189,12 @@ def recalibrate(
             warnings.warn(message, stacklevel=2)
         done = True
         logger.info("recalibrated %d BatchNorm layers over %d batches", len(reached), seen)
-        return [name or type(layer).__name__ for name, layer in targets if name in reached]
+        return [name or type(layer).__name__ for name, layer in targets if id(layer) in reached]
     finally:
+        for hook in hooks:
+            hook.remove()
+        for (_, layer), momentum in zip(targets, momenta):
+            layer.momentum = momentum
         handle.remove()
         if not done:
             restore(model, saved)

@@ -20,16 +20,16 @@ from torch import Tensor, nn
 
 from .apply import _apply, batchnorm_layers, no_update
 from .functional import commit_pooled_
-from .modules import Pool, count_skip
+from .modules import Pool, count_skip, domain_tensors
 from .policy import TORCH
 
 __all__ = ["snapshot", "restore", "accumulate", "checkpoint_context"]
 
-Snapshot = dict[str, tuple[Tensor, ...]]
+Snapshot = dict[str, dict[str, Tensor]]
 
 
 def snapshot(model: nn.Module) -> Snapshot:
-    """Copies of every BatchNorm layer's running statistics, by qualified name.
+    """Copies of every BatchNorm layer's buffers (all domains), by qualified name.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
@@ -40,34 +40,34 @@ def snapshot(model: nn.Module) -> Snapshot:
         0
     """
     return {
-        name: tuple(
-            t.detach().clone()
-            for t in (layer.running_mean, layer.running_var, layer.num_batches_tracked)
-            if t is not None
-        )
+        name: {k: b.detach().clone() for k, b in layer.named_buffers(recurse=False)}
         for name, layer in batchnorm_layers(model)
     }
 
 
 def restore(model: nn.Module, saved: Snapshot) -> None:
-    """Write a :func:`snapshot` back, matching layers by qualified name.
+    """Write a :func:`snapshot` back, matching layers and buffers by name.
 
     Raises:
-        ValueError: if the snapshot names a layer the model lacks.
+        ValueError: if the snapshot names a layer or buffer the model lacks.
     """
     layers = dict(batchnorm_layers(model))
-    missing = sorted(set(saved) - set(layers))
+    missing = sorted(
+        f"{name}.{k}" if name else k
+        for name, bufs in saved.items()
+        for k in bufs
+        if name not in layers or k not in dict(layers[name].named_buffers(recurse=False))
+    )
     if missing:
         raise ValueError(
-            f"expected the snapshot's BatchNorm layers in the model, missing: {missing}. "
+            f"expected the snapshot's BatchNorm buffers in the model, missing: {missing}. "
             "Restore into the model the snapshot was taken from."
         )
     with torch.no_grad():
-        for name, tensors in saved.items():
-            layer = layers[name]
-            buffers = [layer.running_mean, layer.running_var, layer.num_batches_tracked]
-            for buf, value in zip([b for b in buffers if b is not None], tensors):
-                buf.copy_(value)
+        for name, bufs in saved.items():
+            own = dict(layers[name].named_buffers(recurse=False))
+            for k, value in bufs.items():
+                own[k].copy_(value)
 
 
 @contextlib.contextmanager
@@ -115,10 +115,13 @@ def accumulate(model: nn.Module) -> Iterator[None]:
                         layer.num_features, pool.accumulator.mean.device
                     )
                 momentum = state.policy.momentum if state.policy.momentum is not None else layer.momentum
+                running_mean, running_var, num_batches_tracked, _w, _b = domain_tensors(
+                    layer, layer.__dict__.get("_bnctl_domain")
+                )
                 ok = commit_pooled_(
-                    layer.running_mean,
-                    layer.running_var,
-                    layer.num_batches_tracked,
+                    running_mean,
+                    running_var,
+                    num_batches_tracked,
                     pool.accumulator,
                     pool.update,
                     momentum,

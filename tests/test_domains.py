@@ -1,0 +1,121 @@
+"""Domain-specific statistics: selection, isolation, checkpoints, export, AdaBN."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnctl
+from test_recalibrate import data, make_model
+
+
+def model_with_domains(affine=False):
+    model = make_model().train()
+    with torch.no_grad():
+        model(data(16))
+    bnctl.add_domains(model, ["target", "night"], affine=affine)
+    return model
+
+
+def test_forward_in_a_domain_reads_and_updates_only_that_domain():
+    model = model_with_domains()
+    before = copy.deepcopy(model.state_dict())
+    with bnctl.domain(model, "target"):
+        model.train()(data(8, seed=5) + 3)
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.endswith("__target") for k in changed)
+    assert "1.num_batches_tracked__target" in changed
+
+
+def test_poison_other_domains_never_reach_outputs():
+    model = model_with_domains(affine=True).eval()
+    with torch.no_grad():
+        for layer in (model[1], model[5]):
+            for name in ("night",):
+                for base in ("running_mean", "running_var", "weight", "bias"):
+                    getattr(layer, f"{base}__{name}").fill_(float("nan"))
+            for base in ("running_mean", "running_var", "weight", "bias"):
+                getattr(layer, base).fill_(float("nan"))  # the default domain too
+    with torch.no_grad(), bnctl.domain(model, "target"):
+        assert torch.isfinite(model(data(4))).all()
+    with torch.no_grad(), bnctl.domain(model, "night"):
+        assert torch.isnan(model(data(4))).all()  # the poison is real
+
+
+def test_plain_checkpoint_initializes_every_domain_strictly():
+    plain = make_model()
+    with torch.no_grad():
+        plain.train()(data(16))
+    model = model_with_domains(affine=True)
+    model.load_state_dict(plain.state_dict(), strict=True)
+    for base in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias"):
+        for d in ("target", "night"):
+            assert torch.equal(getattr(model[1], f"{base}__{d}"), getattr(plain[1], base))
+    # and a domain checkpoint round-trips, domains included
+    with bnctl.domain(model, "night"):
+        model.train()(data(8) * 5)
+    other = model_with_domains(affine=True)
+    other.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(other[1].running_var__night, model[1].running_var__night)
+
+
+def test_export_domain_is_a_plain_model_with_that_domain():
+    model = model_with_domains(affine=True)
+    with bnctl.domain(model, "target"):
+        model.train()(data(8) + 2)
+    exported = bnctl.export_domain(model, "target")
+    assert type(exported[1]) is nn.BatchNorm2d
+    plain = make_model()
+    plain.load_state_dict(exported.state_dict(), strict=True)
+    assert torch.equal(plain[1].running_mean, model[1].running_mean__target)
+    assert torch.equal(plain[1].weight, model[1].weight__target)
+    x = data(4)
+    model.eval(), plain.eval()
+    with torch.no_grad(), bnctl.domain(model, "target"):
+        assert torch.equal(model(x), plain(x))
+    assert "running_mean__target" in dict(model[1].named_buffers())  # original unchanged
+
+
+def test_adabn_recalibrate_one_domain_leaves_everything_else_bit_identical():
+    model = model_with_domains(affine=True).eval()
+    before = copy.deepcopy(model.state_dict())
+    target = [data(8, seed=s) * 0.3 - 1 for s in range(4)]
+    bnctl.recalibrate(model, target, domain="target")
+    after = model.state_dict()
+    for k, v in after.items():
+        if "running" in k and k.endswith("__target") or k.endswith("num_batches_tracked__target"):
+            continue
+        assert torch.equal(v, before[k]), k
+    h = model[0](torch.cat(target))
+    torch.testing.assert_close(model[1].running_mean__target, h.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert int(model[1].num_batches_tracked__target) == 4
+
+
+def test_domain_errors_and_removal():
+    model = model_with_domains()
+    with pytest.raises(ValueError, match="Known domains"):
+        with bnctl.domain(model, "day"):
+            pass
+    with pytest.raises(ValueError, match="already exist"):
+        bnctl.add_domains(model, ["target"])
+    with pytest.raises(ValueError, match="identifier"):
+        bnctl.add_domains(model, ["default"])
+    with pytest.raises(ValueError, match="export_domain"):
+        bnctl.revert(model)
+    bnctl.remove_domains(model)
+    assert bnctl.domains(model[1]) == ["default"]
+    assert list(model.state_dict()) == list(make_model().state_dict())
+    bnctl.revert(model)
+    assert type(model[1]) is nn.BatchNorm2d
+
+
+def test_domain_selection_restored_on_error():
+    model = model_with_domains()
+    with pytest.raises(KeyError):
+        with bnctl.domain(model, "night"):
+            raise KeyError
+    before = model[1].running_mean.clone()
+    model.train()(data(8) + 10)
+    assert not torch.equal(model[1].running_mean, before)  # back on the default domain
