@@ -5,6 +5,7 @@ BatchNorm layer and whether its running statistics are updated. bnctl makes
 each of these an explicit, reversible choice per layer: a :class:`Policy`.
 """
 
+from .adapt import TestTimeHandle, prepare_test_time
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
 from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
 from .functional import Accumulator, batch_norm
@@ -40,6 +41,7 @@ __all__ = [
     "PRESETS",
     "Policy",
     "PolicyHandle",
+    "TestTimeHandle",
     "apply",
     "batch_norm",
     "batchnorm_layers",
@@ -48,6 +50,7 @@ __all__ = [
     "momentum_from_half_life",
     "no_update",
     "param_groups",
+    "prepare_test_time",
     "recalibrate",
     "register_subclass",
     "resolve_mode",
