@@ -44,10 +44,10 @@ class TestTimeHandle:
 
     def remove(self) -> None:
         """Restore policies, ``requires_grad`` flags and ``training`` flags (idempotent)."""
+        self._policy_handle.remove()
         for param, flag in self._requires_grad.items():
             param.requires_grad_(flag)
         self._requires_grad = {}
-        self._policy_handle.remove()
         for module, flag in self._training.items():
             module.training = flag
         self._training = {}
