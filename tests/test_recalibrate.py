@@ -114,3 +114,20 @@ def test_per_batch_estimator_is_update_bn_and_underestimates_variance():
     exact = copy.deepcopy(ours)
     bnctl.recalibrate(exact, [b.double() for b in batches])
     assert (exact[1].running_var > ours[1].running_var).all()
+
+
+def test_progress_true_without_tqdm_warns_and_continues(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name.startswith("tqdm"):
+            raise ImportError("no tqdm")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    model = make_model().eval()
+    with pytest.warns(UserWarning, match="tqdm"):
+        bnctl.recalibrate(model, [data(8)], progress=True)
+    assert int(model[1].num_batches_tracked) == 1
