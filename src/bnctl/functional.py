@@ -381,19 +381,18 @@ def batch_norm_with_status(
             return _native_ema(
                 x, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps
             )
-        # Copies of the buffers (updated by the kernel and dropped) make autograd save the
-        # same tensors as an updating forward, which activation checkpointing's
-        # recomputation under no_update() requires.
-        copies = (running_mean.clone(), running_var.clone()) if has_running else (None, None)
         if update == "none":
+            # Copies of the buffers (updated by the kernel and dropped) make autograd save the
+            # same tensors as an updating forward, which activation checkpointing's
+            # recomputation under no_update() requires.
+            copies = (running_mean.clone(), running_var.clone()) if has_running else (None, None)
             return F.batch_norm(x, *copies, weight, bias, True, 0.0, eps), None
-        stats = batch_stats(x)
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias)
-        ):
-            out = F.batch_norm(x, *copies, weight, bias, True, 0.0, eps)
-        else:  # no graph (e.g. recalibration): normalize with the statistics just computed
-            out = F.batch_norm(x, stats.mean, stats.var, weight, bias, False, 0.0, eps)
+        # One native pass computes the output and, through buffers that start at zero and
+        # get momentum 1, this batch's mean and unbiased variance.
+        mean_b = torch.zeros_like(running_mean)
+        var_b = torch.zeros_like(running_var)
+        out = F.batch_norm(x, mean_b, var_b, weight, bias, True, 1.0, eps)
+        stats = BatchStats(mean_b, var_b * ((n - 1) / n), n)
     elif normalize == "running":
         # PyTorch's eval kernel, forward and backward (measured faster on the CPU than a
         # scale-and-shift formulation, see benchmarks/). Autograd keeps the statistics
