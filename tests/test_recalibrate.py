@@ -131,3 +131,10 @@ def test_progress_true_without_tqdm_warns_and_continues(monkeypatch):
     with pytest.warns(UserWarning, match="tqdm"):
         bnctl.recalibrate(model, [data(8)], progress=True)
     assert int(model[1].num_batches_tracked) == 1
+
+
+def test_recalibrate_builds_no_graph():
+    model = make_model().eval()
+    seen = []
+    bnctl.recalibrate(model, [data(8)], forward=lambda m, b: seen.append(m(b).requires_grad))
+    assert seen == [False]
