@@ -9,13 +9,12 @@ TORCH_VERSION := 2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/forum_settings.py
+	$(PY) -m bnctl demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

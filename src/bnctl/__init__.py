@@ -11,6 +11,7 @@ from .domains import DEFAULT, add_domains, domain, domains, export_domain, remov
 from .functional import Accumulator, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass
 from .recalibrate import recalibrate
+from .report import Report, report
 from .updates import accumulate, checkpoint_context, restore, snapshot
 from .policy import (
     PRESETS,
@@ -53,6 +54,8 @@ __all__ = [
     "prepare_test_time",
     "recalibrate",
     "register_subclass",
+    "Report",
+    "report",
     "resolve_mode",
     "restore",
     "revert",

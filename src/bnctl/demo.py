@@ -1,0 +1,449 @@
+"""``bnctl demo``: what BatchNorm settings really do, measured on real data.
+
+Data: scikit-learn's bundled handwritten digits (1,797 real 8x8 images; no
+download; ``pip install 'bnctl[demo]'``).
+
+* **Part A** -- for each preset and the two settings people write by hand
+  (``bn.eval()``; ``bn.train()`` + ``momentum=0`` + ``requires_grad=False``),
+  a few real SGD steps of a small CNN, then measured: which statistics
+  normalized, whether the running statistics, ``num_batches_tracked`` and
+  weight/bias changed, whether train() and eval() give the same output, and
+  whether the setting survives ``model.train()``.
+* **Part B** -- domain shift. A small CNN trained on the digits (source) is
+  tested on deterministic shifts of held-out digits (inverted, low contrast
+  with an offset, additive noise, blur: in the spirit of MNIST-C/CIFAR-10-C)
+  as is, after AdaBN (recalibration on unlabeled target data into a separate
+  domain), with test-batch statistics, with blended statistics, and after
+  fine-tuning on a few labeled target samples per class under several
+  presets. Target accuracy and source accuracy after adaptation
+  (forgetting), mean and std over seeds.
+
+Everything here computes and returns numbers; :mod:`bnctl.cli` prints them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapt import prepare_test_time
+from .apply import apply, no_update
+from .domains import add_domains, domain
+from .policy import Policy, get_policy
+from .recalibrate import recalibrate
+
+__all__ = ["load_digits", "measure_setting", "run", "SHIFTS"]
+
+Setting = Union[str, Policy, Callable[[nn.Module, nn.Module], None]]
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def load_digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits as ``(x, y)``: float32 ``(1797, 1, 8, 8)`` in [0, 1], int64 labels."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as err:
+        raise ImportError(
+            "bnctl demo needs scikit-learn for its bundled digits data: "
+            "pip install 'bnctl[demo]'"
+        ) from err
+    data = sk_load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, torch.tensor(data.target, dtype=torch.long)
+
+
+def _blur(x: Tensor) -> Tensor:
+    k = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (k[:, None] * k[None, :] / 16.0).view(1, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel)
+
+
+def _noise(x: Tensor, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (x + 0.35 * torch.randn(x.shape, generator=gen)).clamp(0.0, 1.0)
+
+
+SHIFTS: dict[str, tuple[str, Callable[[Tensor, int], Tensor]]] = {
+    "inverted": ("1 - x", lambda x, seed: 1.0 - x),
+    "low_contrast": ("0.3 x + 0.5", lambda x, seed: 0.3 * x + 0.5),
+    "noise": ("x + N(0, 0.35^2), clipped to [0, 1]", _noise),
+    "blur": ("3x3 binomial blur", lambda x, seed: _blur(x)),
+}
+"""Target domains: name -> (description, deterministic function of (images, seed))."""
+
+
+def small_cnn(channels: int = 16) -> nn.Sequential:
+    """Conv-BN-ReLU x3 with pooling and a linear head, for 1x8x8 inputs and 10 classes."""
+    c = channels
+    return nn.Sequential(
+        nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+        nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, 10),
+    )
+
+
+def _batches(x: Tensor, y: Tensor, size: int, gen: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
+    order = torch.randperm(len(x), generator=gen)
+    for i in range(0, len(x) - size + 1, size):  # drop_last: BatchNorm needs > 1 value
+        idx = order[i : i + size]
+        yield x[idx], y[idx]
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 128) -> float:
+    """Accuracy in the model's current mode, without touching any statistics."""
+    correct = 0
+    with torch.no_grad(), no_update(model):
+        for i in range(0, len(x), batch_size):
+            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+    return correct / len(x)
+
+
+def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int, lr: float = 3e-3) -> nn.Module:
+    """Plain supervised training (Adam, batches of 64)."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for xb, yb in _batches(x, y, 64, gen):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    return model.eval()
+
+
+# -- part A ----------------------------------------------------------------------------------
+
+
+def forum_eval(model: nn.Module, bn: nn.Module) -> None:
+    """The forum's setting 1: ``bn.eval()``."""
+    bn.eval()
+
+
+def forum_momentum0(model: nn.Module, bn: nn.Module) -> None:
+    """The forum's setting 2: ``bn.train()``, ``momentum=0``, weight/bias ``requires_grad=False``."""
+    bn.train()
+    bn.momentum = 0.0
+    bn.weight.requires_grad = False
+    bn.bias.requires_grad = False
+
+
+def _normalizes_with(model: nn.Module, bn: nn.Module, x: Tensor) -> str:
+    """Which statistics ``bn`` normalizes its input with right now (nothing updated)."""
+    seen: dict[str, Tensor] = {}
+    hook = bn.register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
+    try:
+        with torch.no_grad(), no_update(model):
+            model(x)
+    finally:
+        hook.remove()
+    h, out = seen["x"], seen["y"]
+    running = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    batch = F.batch_norm(h, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    if torch.allclose(out, running, atol=1e-5):
+        return "running"
+    return "batch" if torch.allclose(out, batch, atol=1e-5) else "other"
+
+
+def measure_setting(
+    model: nn.Module,
+    bn: nn.Module,
+    setting: Setting,
+    batches: list[tuple[Tensor, Tensor]],
+    probe: Tensor,
+) -> dict[str, str]:
+    """Apply ``setting`` to ``model`` (a preset, a Policy, or ``fn(model, bn)``), run SGD
+    steps on ``batches``, and measure what happened to ``bn``. ``model`` is changed."""
+    model.train()
+    if callable(setting):
+        setting(model, bn)
+    else:
+        apply(model, setting)
+    before = copy.deepcopy(bn.state_dict())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for xb, yb in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    after = copy.deepcopy(bn.state_dict())
+    used = _normalizes_with(model, bn, probe)
+    model.train()  # what a trainer loop does at the start of every epoch
+    survives = _normalizes_with(model, bn, probe) == used
+    model.eval()
+    same_eval = _normalizes_with(model, bn, probe) == used
+
+    def changed(key: str) -> str:
+        return "yes" if not torch.equal(before[key], after[key]) else "no"
+
+    return {
+        "normalizes with": used,
+        "running stats changed": changed("running_mean"),
+        "num_batches_tracked changed": changed("num_batches_tracked"),
+        "weight/bias changed": changed("weight"),
+        "train() == eval()": "yes" if same_eval else "no",
+        "survives model.train()": "yes" if survives else "no",
+    }
+
+
+PART_A_SETTINGS: list[tuple[str, Setting]] = [
+    ("bn.eval()", forum_eval),
+    ("train()+momentum=0+no grad", forum_momentum0),
+    *[(f"preset {name}", name) for name in (
+        "torch", "frozen", "frozen_stats", "running_update", "batch_no_update", "test_time",
+        "renorm")],
+]
+
+
+def part_a(x: Tensor, y: Tensor, seed: int, epochs: int) -> list[dict[str, str]]:
+    """Part A rows: one per setting, every value measured."""
+    torch.manual_seed(seed)
+    base = train(small_cnn(), x, y, epochs, seed)  # "pretrained" statistics and weights
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches = list(_batches(x, y, 32, gen))[:3]
+    probe = x[:64]
+    rows = []
+    for label, setting in PART_A_SETTINGS:
+        model = copy.deepcopy(base)
+        rows.append({"setting": label, **measure_setting(model, model[1], setting, batches, probe)})
+    return rows
+
+
+# -- part B ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Config:
+    """Sizes of a demo run (``quick`` shrinks them)."""
+
+    seeds: int = 10
+    source_epochs: int = 20
+    finetune_steps: int = 40
+    shots: int = 5  # labeled target samples per class for fine-tuning
+    blend_alpha: float = 0.5
+    part_a_epochs: int = 5
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(seeds=3, source_epochs=10, finetune_steps=20, part_a_epochs=2)
+
+
+FINETUNE_PRESETS = ("torch", "frozen", "frozen_stats", "running_update", "renorm")
+
+
+def _finetune_policy(name: str) -> Policy:
+    policy = get_policy(name)
+    if name == "renorm":  # the paper's warm-up is 5k steps; a few-shot run has tens
+        policy = dataclasses.replace(policy, renorm_warmup=(0, 0))
+    return policy
+
+
+def _few_shot(x: Tensor, y: Tensor, shots: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    order = torch.randperm(len(x), generator=gen)
+    picked = [i for c in range(10) for i in [j for j in order.tolist() if int(y[j]) == c][:shots]]
+    return x[picked], y[picked]
+
+
+def _finetune(model: nn.Module, preset: str, x: Tensor, y: Tensor, steps: int, seed: int) -> None:
+    apply(model, _finetune_policy(preset))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(x), generator=gen)[:25]
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.eval()
+
+
+def part_b_seed(x: Tensor, y: Tensor, seed: int, cfg: Config,
+                tick: Callable[[], None] = lambda: None) -> dict[str, dict[str, dict[str, float]]]:
+    """One seed of Part B: ``{target: {method: {"target": acc, "source": acc}}}``."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=gen)
+    n = len(x)
+    src_train, src_test = order[: int(0.6 * n)], order[int(0.6 * n) : int(0.8 * n)]
+    pool = order[int(0.8 * n) :]
+    adapt_idx, test_idx = pool[: len(pool) // 2], pool[len(pool) // 2 :]
+    torch.manual_seed(seed)
+    source = train(small_cnn(), x[src_train], y[src_train], cfg.source_epochs, seed)
+    xs_test, ys_test = x[src_test], y[src_test]
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for target, (_desc, shift) in SHIFTS.items():
+        xa, ya = shift(x[adapt_idx], seed), y[adapt_idx]
+        xt, yt = shift(x[test_idx], seed + 1), y[test_idx]
+        rows: dict[str, dict[str, float]] = {}
+
+        def record(method: str, model: nn.Module, target_ctx=None, source_ctx=None) -> None:
+            with target_ctx or contextlib.nullcontext():
+                t = accuracy(model, xt, yt)
+            with source_ctx or contextlib.nullcontext():
+                s = accuracy(model, xs_test, ys_test)
+            rows[method] = {"target": t, "source": s}
+
+        record("source model as is", source)
+
+        adabn = copy.deepcopy(source)
+        add_domains(adabn, ["target"])
+        recalibrate(adabn, [xa[i : i + 64] for i in range(0, len(xa) - 1, 64)], domain="target",
+                    progress=False)
+        record("AdaBN (target domain)", adabn, target_ctx=domain(adabn, "target"))
+
+        tta = copy.deepcopy(source)
+        with prepare_test_time(tta):
+            record("test-batch statistics", tta)
+        with prepare_test_time(tta, alpha=cfg.blend_alpha):
+            record(f"blended statistics (alpha={cfg.blend_alpha:g})", tta)
+
+        xf, yf = _few_shot(xa, ya, cfg.shots, gen)
+        for preset in FINETUNE_PRESETS:
+            tuned = copy.deepcopy(source)
+            _finetune(tuned, preset, xf, yf, cfg.finetune_steps, seed)
+            record(f"fine-tune {cfg.shots}/class, {preset}", tuned)
+        results[target] = rows
+        tick()
+    return results
+
+
+def _progress(total: int, enabled: bool | None) -> Any:
+    if enabled is False or (enabled is None and not sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="bnctl demo", leave=False)
+
+
+def run(
+    out_dir: str | Path | None = "bnctl-out",
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool | None = None,
+    config: Config | None = None,
+) -> dict[str, Any]:
+    """Run Part A and Part B; write ``results.json`` (and ``results.png``) to ``out_dir``.
+
+    Returns:
+        Everything measured: ``{"config", "part_a", "part_b", "summary", "files", "seconds"}``.
+        ``part_b[target][method]`` holds per-seed ``target``/``source`` accuracies;
+        ``summary`` their means and standard deviations.
+    """
+    cfg = config or (Config.quick() if quick else Config())
+    start = time.perf_counter()
+    x, y = load_digits()
+    bar = _progress(1 + cfg.seeds * len(SHIFTS), progress)
+    tick = (lambda: bar.update(1)) if bar is not None else (lambda: None)
+    try:
+        rows_a = part_a(x, y, seed, cfg.part_a_epochs)
+        tick()
+        per_seed = [part_b_seed(x, y, seed + s, cfg, tick) for s in range(cfg.seeds)]
+    finally:
+        if bar is not None:
+            bar.close()
+    part_b = {
+        t: {m: {k: [r[t][m][k] for r in per_seed] for k in ("target", "source")}
+            for m in per_seed[0][t]}
+        for t in per_seed[0]
+    }
+    summary = {
+        t: {m: {f"{k}_{stat}": fn(v[k]) for k in ("target", "source")
+                for stat, fn in (("mean", statistics.mean), ("std", _std))}
+            for m, v in methods.items()}
+        for t, methods in part_b.items()
+    }
+    result: dict[str, Any] = {
+        "config": {**dataclasses.asdict(cfg), "seed": seed, "quick": quick,
+                   "shifts": {k: d for k, (d, _f) in SHIFTS.items()},
+                   "data": "sklearn.datasets.load_digits (1797 8x8 images)"},
+        "part_a": rows_a,
+        "part_b": part_b,
+        "summary": summary,
+        "files": {},
+    }
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result["files"]["json"] = str(out / "results.json")
+        plot = _plot(summary, out / "results.png")
+        if plot is not None:
+            result["files"]["png"] = plot
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _plot(summary: dict[str, Any], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    targets = list(summary)
+    methods = list(summary[targets[0]])
+    fig, ax = plt.subplots(figsize=(14, 5))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        means = [summary[t][m]["target_mean"] * 100 for t in targets]
+        stds = [summary[t][m]["target_std"] * 100 for t in targets]
+        ax.bar([j + i * width for j in range(len(targets))], means, width, yerr=stds, label=m,
+               capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(targets))], targets)
+    ax.set_ylabel("target accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("bnctl demo: digits under domain shift (mean ± std over seeds)")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1.0), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+# -- text ------------------------------------------------------------------------------------
+
+
+def format_part_a(rows: list[dict[str, str]]) -> str:
+    """Part A as an aligned table."""
+    cols = list(rows[0])
+    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in cols]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
+    for r in rows:
+        lines.append("  ".join(r[c].ljust(w) if i == 0 else r[c].rjust(w)
+                               for i, (c, w) in enumerate(zip(cols, widths))))
+    return "\n".join(lines)
+
+
+def format_part_b(summary: dict[str, Any]) -> str:
+    """Part B: one block per target, target and source accuracy as mean ± std."""
+    blocks = []
+    for target, methods in summary.items():
+        width = max(len(m) for m in methods)
+        lines = [f"target: {target} ({SHIFTS[target][0]})",
+                 f"  {'method'.ljust(width)}  {'target acc':>15}  {'source acc':>15}"]
+        for m, v in methods.items():
+            t = f"{v['target_mean']:6.1%} ± {v['target_std']:5.1%}"
+            s = f"{v['source_mean']:6.1%} ± {v['source_std']:5.1%}"
+            lines.append(f"  {m.ljust(width)}  {t:>15}  {s:>15}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,0 +1,216 @@
+"""What every BatchNorm layer of a model does, and the known traps.
+
+:func:`report` lists, per layer, its effective behaviour under ``train()``
+and under ``eval()`` (decided by the same :func:`bnctl.resolve_mode` the
+layers use), whether the affine part learns, momentum, eps, counters, and
+warnings for the classic mistakes. Given a batch, it also measures how far
+the batch's statistics are from the running ones, changing nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .apply import batchnorm_layers, no_update
+from .modules import domain_tensors, domains
+from .policy import TORCH, resolve_mode
+
+__all__ = ["LayerReport", "Report", "report"]
+
+
+@dataclass
+class LayerReport:
+    """One BatchNorm layer's row of a :class:`Report` (all plain Python values)."""
+
+    name: str
+    cls: str
+    policy: str
+    train: str
+    eval: str
+    affine: str
+    momentum: float | None
+    eps: float
+    num_batches_tracked: int | None
+    skipped_updates: int
+    domains: list[str]
+    warnings: list[str] = field(default_factory=list)
+    mean_shift: float | None = None
+    log_var_ratio: float | None = None
+    train_eval_gap: float | None = None
+
+
+@dataclass
+class Report:
+    """Per-layer records; ``str()`` gives an aligned table, :meth:`records` a list of dicts."""
+
+    layers: list[LayerReport]
+
+    def records(self) -> list[dict[str, Any]]:
+        """The report as a list of plain dicts (for JSON and programs)."""
+        return [asdict(layer) for layer in self.layers]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Every warning, prefixed with its layer's name."""
+        return [f"{layer.name}: {w}" for layer in self.layers for w in layer.warnings]
+
+    def __str__(self) -> str:
+        with_batch = any(layer.mean_shift is not None for layer in self.layers)
+        header = ["layer", "class", "policy", "train()", "eval()", "affine", "momentum", "eps",
+                  "batches", "skipped"]
+        if with_batch:
+            header += ["mean shift", "log var ratio", "train/eval gap"]
+        rows = []
+        for r in self.layers:
+            row = [r.name, r.cls, r.policy, r.train, r.eval, r.affine,
+                   "None" if r.momentum is None else f"{r.momentum:g}", f"{r.eps:g}",
+                   "-" if r.num_batches_tracked is None else str(r.num_batches_tracked),
+                   str(r.skipped_updates)]
+            if with_batch:
+                row += ["-" if v is None else f"{v:.3f}"
+                        for v in (r.mean_shift, r.log_var_ratio, r.train_eval_gap)]
+            rows.append(row)
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        warnings = self.warnings
+        lines.append(f"{len(self.layers)} BatchNorm layer(s), {len(warnings)} warning(s)")
+        lines += [f"  ! {w}" for w in warnings]
+        return "\n".join(lines)
+
+
+def _mode_text(layer: _BatchNorm, training: bool) -> str:
+    policy = layer._bnctl.policy if hasattr(layer, "_bnctl") else TORCH
+    mode = resolve_mode(policy, training, layer.track_running_stats, layer.running_mean is not None)
+    normalize = mode.normalize if isinstance(mode.normalize, str) else f"blend({mode.normalize:g})"
+    return f"{normalize}/{mode.update}"
+
+
+def _affine_text(layer: _BatchNorm) -> str:
+    params = list(layer.parameters(recurse=False))
+    if not params:
+        return "-"
+    flags = {p.requires_grad for p in params}
+    return "learns" if flags == {True} else "frozen" if flags == {False} else "partly"
+
+
+def _traps(layer: _BatchNorm) -> list[str]:
+    found = []
+    policy = layer._bnctl.policy if hasattr(layer, "_bnctl") else TORCH
+    updates_in_train = _mode_text(layer, True).split("/")[1] != "none"
+    if _affine_text(layer) == "frozen" and updates_in_train:
+        found.append(
+            "weight/bias have requires_grad=False but the running statistics still update in "
+            "train(); use the 'frozen' preset to freeze both"
+        )
+    if layer.running_mean is not None and layer.num_batches_tracked is not None:
+        if (
+            int(layer.num_batches_tracked) == 0
+            and bool((layer.running_mean == 0).all())
+            and bool((layer.running_var == 1).all())
+        ):
+            found.append("running statistics never updated (all 0 and 1): load pretrained "
+                         "weights or run bnctl.recalibrate")
+        bad = [k for k, t in (("running_mean", layer.running_mean),
+                              ("running_var", layer.running_var)) if not torch.isfinite(t).all()]
+        if bad:
+            found.append(f"non-finite values in {', '.join(bad)}")
+    if not layer.track_running_stats and layer.running_mean is not None:
+        found.append("track_running_stats was switched off after construction: train() "
+                      "normalizes with batch statistics, eval() with the stale buffers")
+    momentum = policy.momentum if policy.momentum is not None else layer.momentum
+    if momentum is not None and 0.9 <= momentum < 1.0:
+        found.append(f"momentum={momentum:g} looks like a Keras/Flax decay; PyTorch's momentum "
+                     f"is the weight of the new batch (bnctl.momentum_from_decay({momentum:g}) "
+                     f"= {1 - momentum:g})")
+    skipped = getattr(layer, "skipped_updates", 0)
+    if skipped:
+        found.append(f"{skipped} running update(s) skipped for non-finite batch statistics")
+    return found
+
+
+def _shift(layer: _BatchNorm, x: Tensor) -> tuple[float | None, float | None, float | None]:
+    if layer.running_mean is None or x.shape[0] * x[0, 0].numel() < 2:
+        return None, None, None
+    rm, rv, _nbt, w, b = domain_tensors(layer, layer.__dict__.get("_bnctl_domain"))
+    dims = [0, *range(2, x.dim())]
+    x = x.detach().double()
+    var_b, mean_b = torch.var_mean(x, dims, unbiased=False)
+    rm, rv = rm.double(), rv.double()
+    mean_shift = ((mean_b - rm).abs() / torch.sqrt(rv + layer.eps)).mean().item()
+    log_ratio = torch.log((var_b + layer.eps) / (rv + layer.eps)).abs().mean().item()
+    w = None if w is None else w.detach().double()
+    b = None if b is None else b.detach().double()
+    y_train = F.batch_norm(x, None, None, w, b, True, 0.0, layer.eps)
+    y_eval = F.batch_norm(x, rm, rv, w, b, False, 0.0, layer.eps)
+    gap = ((y_train - y_eval).norm() / y_eval.norm().clamp_min(1e-12)).item()
+    return mean_shift, log_ratio, gap if math.isfinite(gap) else None
+
+
+def report(model: nn.Module, batch: Any = None) -> Report:
+    """Report every BatchNorm layer's behaviour, and with a batch, its statistics shift.
+
+    With ``batch`` (a tensor, or a tuple/list whose first element is the
+    input), the model runs once in its current mode, under ``no_grad`` and
+    :func:`bnctl.no_update`, and each layer's input gives: the standardized
+    mean shift (mean over channels of ``|mean_B - running_mean| /
+    sqrt(running_var + eps)``), the log variance ratio (mean of
+    ``|log((var_B + eps) / (running_var + eps))|``) and the train/eval
+    output gap (``||y_batch - y_running|| / ||y_running||``). No buffer or
+    flag changes.
+
+    Returns:
+        A :class:`Report`: print it, or use ``.records()``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3, momentum=0.99))
+        >>> r = report(model, torch.randn(8, 4))
+        >>> r.layers[0].train, r.layers[0].eval, len(r.warnings)
+        ('batch/ema', 'running/none', 2)
+    """
+    layers = batchnorm_layers(model)
+    inputs: dict[str, Tensor] = {}
+    if batch is not None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        hooks = [
+            layer.register_forward_pre_hook(
+                lambda _m, args, name=name: inputs.__setitem__(name, args[0])
+            )
+            for name, layer in layers
+        ]
+        try:
+            with torch.no_grad(), no_update(model):
+                model(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    rows = []
+    for name, layer in layers:
+        display = name or type(layer).__name__
+        policy = layer._bnctl.policy if hasattr(layer, "_bnctl") else TORCH
+        row = LayerReport(
+            name=display,
+            cls=type(layer).__name__,
+            policy=policy.name or "custom",
+            train=_mode_text(layer, True),
+            eval=_mode_text(layer, False),
+            affine=_affine_text(layer),
+            momentum=policy.momentum if policy.momentum is not None else layer.momentum,
+            eps=layer.eps,
+            num_batches_tracked=None if layer.num_batches_tracked is None
+            else int(layer.num_batches_tracked),
+            skipped_updates=getattr(layer, "skipped_updates", 0),
+            domains=domains(layer),
+            warnings=_traps(layer),
+        )
+        if name in inputs:
+            row.mean_shift, row.log_var_ratio, row.train_eval_gap = _shift(layer, inputs[name])
+        rows.append(row)
+    return Report(rows)

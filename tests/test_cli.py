@@ -1,0 +1,125 @@
+"""The command line: bnctl demo (small scale), bnctl inspect, errors and exit codes."""
+
+import builtins
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bnctl.cli import main
+
+
+def test_help_and_usage_errors(capsys):
+    assert main(["--help"]) == 0
+    assert "bnctl inspect model.pt" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+    assert main(["demo", "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+
+
+def trained_state():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3),
+                      nn.BatchNorm1d(3))
+    m.train()(torch.randn(8, 1, 4, 4))
+    return m.state_dict()
+
+
+def test_inspect_clean_checkpoint(tmp_path, capsys):
+    path = tmp_path / "ok.pt"
+    torch.save(trained_state(), path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 BatchNorm layer(s), 0 with problems" in out
+
+
+def test_inspect_flags_problems_and_json(tmp_path, capsys):
+    state = trained_state()
+    state["1.running_var"][0] = float("nan")
+    state["1.weight"][1] = 0.0
+    fresh = nn.BatchNorm1d(3).state_dict()
+    wrapped = {"epoch": 3, "state_dict": {"module." + k: v for k, v in state.items()}}
+    wrapped["state_dict"].update({"module.extra." + k: v for k, v in fresh.items()})
+    path = tmp_path / "bad.pt"
+    torch.save(wrapped, path)
+    assert main(["inspect", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "non-finite values in running_var" in out and "near-zero weight" in out
+    assert "extra" in out and "never updated" in out
+    assert main(["inspect", str(path), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert {layer["name"] for layer in data["layers"]} == {"1", "4", "extra"}
+    assert data["problems"] == 3
+
+
+def test_inspect_refuses_pickled_model_without_running_it(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save(nn.Sequential(nn.BatchNorm1d(3)), path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weights_only=True" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b""])
+def test_inspect_corrupt_file(tmp_path, capsys, content):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(content)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnctl: error:") and err.count("\n") == 1
+
+
+def test_inspect_non_state_dict(tmp_path, capsys):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    assert main(["inspect", str(path)]) == 2
+    assert "expected a state dict" in capsys.readouterr().err
+
+
+def test_demo_small_scale_writes_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--seeds", "1", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "Part A" in text and "preset frozen_stats" in text and "AdaBN (target domain)" in text
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["part_a"]) == 9
+    assert set(data["part_b"]) == {"inverted", "low_contrast", "noise", "blur"}
+    accs = [a for t in data["part_b"].values() for m in t.values() for a in m["target"]]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    rows = {r["setting"]: r for r in data["part_a"]}
+    assert rows["bn.eval()"]["survives model.train()"] == "no"
+    assert rows["preset frozen"]["running stats changed"] == "no"
+    assert rows["train()+momentum=0+no grad"]["normalizes with"] == "batch"
+    if (out / "results.png").exists():
+        assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    real_import = builtins.__import__
+
+    def no_mpl(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    assert main(["demo", "--quick", "--seeds", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "no plot: matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "results.png").exists()
+
+
+def test_demo_without_sklearn_is_a_clear_error(capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError("no sklearn")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    assert main(["demo", "--quick", "--no-progress"]) == 2
+    assert "pip install 'bnctl[demo]'" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""bnctl.report(): effective behaviour, traps, statistics shift; nothing changes."""
+
+import copy
+
+import torch
+from torch import nn
+
+import bnctl
+
+
+def trained():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(4 * 36, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        for _ in range(3):
+            m.train()(torch.randn(16, 1, 8, 8))
+    return m
+
+
+def test_effective_behaviour_per_layer():
+    m = trained()
+    bnctl.apply(m, "running_update", include="1")
+    bnctl.apply(m, bnctl.Policy("batch", "none", 0.3, "none"), include="5")
+    r = bnctl.report(m)
+    rows = {x.name: x for x in r.layers}
+    assert (rows["1"].train, rows["1"].eval, rows["1"].policy) == ("running/ema", "running/none", "running_update")
+    assert (rows["5"].train, rows["5"].eval, rows["5"].policy) == ("batch/none", "blend(0.3)/none", "custom")
+    assert rows["1"].num_batches_tracked == 3 and rows["1"].affine == "learns"
+    assert r.warnings == []
+    text = str(r)
+    assert "running_update" in text and "2 BatchNorm layer(s), 0 warning(s)" in text
+    assert r.records()[0]["name"] == "1"
+
+
+def test_traps_are_flagged():
+    m = trained()
+    m[1].weight.requires_grad_(False)
+    m[1].bias.requires_grad_(False)
+    m[5].track_running_stats = False
+    m[5].momentum = 0.99
+    fresh = nn.BatchNorm1d(3)
+    r = bnctl.report(nn.Sequential(m, fresh))
+    text = " | ".join(r.warnings)
+    assert "0.1: weight/bias have requires_grad=False but the running statistics still update" in text
+    assert "0.5: track_running_stats was switched off" in text
+    assert "momentum=0.99 looks like a Keras/Flax decay" in text
+    assert "1: running statistics never updated" in text
+
+
+def test_with_batch_measures_shift_and_changes_nothing():
+    m = trained().eval()
+    bnctl.apply(m, "frozen_stats")
+    state = copy.deepcopy(m.state_dict())
+    flags = [mod.training for mod in m.modules()]
+    r = bnctl.report(m, torch.randn(16, 1, 8, 8) * 3 + 2)  # shifted data
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert [mod.training for mod in m.modules()] == flags
+    first = r.layers[0]
+    assert first.mean_shift > 1.0 and first.log_var_ratio > 0.5 and first.train_eval_gap > 0.1
+    same = bnctl.report(trained().eval(), torch.randn(256, 1, 8, 8))
+    assert same.layers[0].mean_shift < first.mean_shift
+    assert "mean shift" in str(r)
+
+
+def test_skipped_updates_are_reported():
+    bn = bnctl.BatchNorm1d(2)
+    x = torch.randn(4, 2)
+    x[0, 0] = float("nan")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bn.train()(x)
+    r = bnctl.report(bn)
+    assert r.layers[0].skipped_updates == 1
+    assert any("1 running update(s) skipped" in w for w in r.warnings)
