@@ -85,7 +85,7 @@ def test_demo_small_scale_writes_table_json_and_plot(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Part A" in text and "preset frozen_stats" in text and "AdaBN (target domain)" in text
     data = json.loads((out / "results.json").read_text())
-    assert len(data["part_a"]) == 9
+    assert len(data["part_a"]) == 10
     assert set(data["part_b"]) == {"inverted", "low_contrast", "noise", "blur"}
     accs = [a for t in data["part_b"].values() for m in t.values() for a in m["target"]]
     assert all(0.0 <= a <= 1.0 for a in accs)

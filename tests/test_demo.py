@@ -19,6 +19,7 @@ EXPECTED = {
     "preset running_update": ("running", "yes", "yes", "yes", "yes", "yes"),
     "preset batch_no_update": ("batch", "no", "no", "yes", "no", "yes"),
     "preset test_time": ("batch", "no", "no", "yes", "yes", "yes"),
+    "preset recalibrate": ("batch", "yes", "yes", "no", "yes", "yes"),
 }
 
 

@@ -204,7 +204,7 @@ PART_A_SETTINGS: list[tuple[str, Setting]] = [
     ("train()+momentum=0+no grad", forum_momentum0),
     *[(f"preset {name}", name) for name in (
         "torch", "frozen", "frozen_stats", "running_update", "batch_no_update", "test_time",
-        "renorm")],
+        "recalibrate", "renorm")],
 ]
 
 
