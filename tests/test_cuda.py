@@ -88,3 +88,27 @@ def test_modes_match_reference_cuda_float64(mode):
 def test_gradcheck_blend_cuda():
     x, rm, rv, w, b = (t.to(DEV).detach().requires_grad_(t.requires_grad) for t in make_inputs((2, 3, 1, 1)))
     assert torch.autograd.gradcheck(lambda *a: ours(*a[:1], rm, rv, *a[1:], (0.4, "ema")), (x, w, b))
+
+
+def test_accumulate_recalibrate_domains_and_report_on_cuda():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).to(DEV).train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(24, 2, 6, 6, device=DEV)
+    with torch.no_grad():
+        ref(x)
+        with bnctl.accumulate(model):
+            for micro in x.chunk(3):
+                model(micro)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var)
+    assert int(model[1].num_batches_tracked) == 1
+    bnctl.add_domains(model, ["target"])
+    before = copy.deepcopy(model.state_dict())
+    bnctl.recalibrate(model.eval(), [x[:12] + 1, x[12:] + 1], domain="target")
+    h = model[0](x + 1)
+    torch.testing.assert_close(model[1].running_mean__target, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    for k, v in model.state_dict().items():
+        if not k.endswith("__target"):
+            assert torch.equal(v, before[k]), k
+    r = bnctl.report(model, x)
+    assert r.layers[0].domains == ["default", "target"] and r.layers[0].mean_shift is not None
