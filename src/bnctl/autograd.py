@@ -120,8 +120,8 @@ def normalize_with_stats(
 
     Example:
         >>> x = torch.randn(4, 3, 2, 2)
-        >>> y = normalize_with_stats(x, torch.zeros(3), torch.ones(3), eps=0.0)
-        >>> torch.equal(y, x)
+        >>> y = normalize_with_stats(x, torch.zeros(3), torch.full((3,), 4.0), eps=1e-5)
+        >>> torch.allclose(y, x / 2)
         True
     """
     return _NormalizeWithStats.apply(x, mean, var, weight, bias, eps)
