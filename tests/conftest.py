@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import warnings
 
 import pytest
@@ -66,3 +67,15 @@ def no_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+def block_imports(monkeypatch, prefix: str) -> None:
+    """Make ``import <prefix>...`` fail, as if the package were not installed."""
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith(prefix):
+            raise ImportError(f"no {prefix} (blocked by the test)")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)

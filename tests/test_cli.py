@@ -1,6 +1,5 @@
 """The command line: bnctl demo (small scale), bnctl inspect, errors and exit codes."""
 
-import builtins
 import json
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 from torch import nn
 
 from bnctl.cli import main
+from conftest import block_imports
 
 
 def test_help_and_usage_errors(capsys):
@@ -99,27 +99,13 @@ def test_demo_small_scale_writes_table_json_and_plot(tmp_path, capsys):
 
 def test_demo_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):
     pytest.importorskip("sklearn")
-    real_import = builtins.__import__
-
-    def no_mpl(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError("no matplotlib")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    block_imports(monkeypatch, "matplotlib")
     assert main(["demo", "--quick", "--seeds", "1", "--out", str(tmp_path), "--no-progress"]) == 0
     assert "no plot: matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "results.png").exists()
 
 
 def test_demo_without_sklearn_is_a_clear_error(capsys, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_sklearn(name, *args, **kwargs):
-        if name.startswith("sklearn"):
-            raise ImportError("no sklearn")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    block_imports(monkeypatch, "sklearn")
     assert main(["demo", "--quick", "--no-progress"]) == 2
     assert "pip install 'bnctl[demo]'" in capsys.readouterr().err

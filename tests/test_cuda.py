@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
+from test_autograd import MODES, make_inputs, ours
 from torch import nn
 
 import bnctl
 from conftest import TOL, reference_bn
-from test_autograd import MODES, make_inputs, ours
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = "cuda"

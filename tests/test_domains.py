@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from test_recalibrate import data, make_model
 from torch import nn
 
 import bnctl
-from test_recalibrate import data, make_model
 
 
 def model_with_domains(affine=False):

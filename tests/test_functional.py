@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from bnctl import Mode
-from bnctl.functional import Accumulator, _commit, batch_norm, batch_stats, cumulative_update_, ema_update_
+from bnctl.functional import (
+    Accumulator,
+    _commit,
+    batch_norm,
+    batch_stats,
+    cumulative_update_,
+    ema_update_,
+)
 
 
 @pytest.mark.parametrize("host_check", [True, False])

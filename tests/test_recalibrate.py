@@ -117,16 +117,9 @@ def test_per_batch_estimator_is_update_bn_and_underestimates_variance():
 
 
 def test_progress_true_without_tqdm_warns_and_continues(monkeypatch):
-    import builtins
+    from conftest import block_imports
 
-    real_import = builtins.__import__
-
-    def no_tqdm(name, *args, **kwargs):
-        if name.startswith("tqdm"):
-            raise ImportError("no tqdm")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    block_imports(monkeypatch, "tqdm")
     model = make_model().eval()
     with pytest.warns(UserWarning, match="tqdm"):
         bnctl.recalibrate(model, [data(8)], progress=True)

@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
+from test_recalibrate import data, make_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import bnctl
-from test_recalibrate import data, make_model
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

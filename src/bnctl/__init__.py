@@ -10,9 +10,6 @@ from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_group
 from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
 from .functional import Accumulator, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass
-from .recalibrate import recalibrate
-from .report import Report, report
-from .updates import accumulate, checkpoint_context, restore, snapshot
 from .policy import (
     PRESETS,
     Mode,
@@ -22,6 +19,9 @@ from .policy import (
     momentum_from_half_life,
     resolve_mode,
 )
+from .recalibrate import recalibrate
+from .report import Report, report
+from .updates import accumulate, checkpoint_context, restore, snapshot
 
 __version__ = "0.1.0"
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -270,6 +271,20 @@ def _finetune(model: nn.Module, preset: str, x: Tensor, y: Tensor, steps: int, s
     model.eval()
 
 
+def _record(
+    rows: dict[str, dict[str, float]],
+    target: tuple[Tensor, Tensor],
+    source: tuple[Tensor, Tensor],
+    method: str,
+    model: nn.Module,
+    target_ctx: Any = None,
+) -> None:
+    """Target accuracy (inside ``target_ctx``, e.g. a domain) and source accuracy of ``model``."""
+    with target_ctx or contextlib.nullcontext():
+        t = accuracy(model, *target)
+    rows[method] = {"target": t, "source": accuracy(model, *source)}
+
+
 def part_b_seed(x: Tensor, y: Tensor, seed: int, cfg: Config,
                 tick: Callable[[], None] = lambda: None) -> dict[str, dict[str, dict[str, float]]]:
     """One seed of Part B: ``{target: {method: {"target": acc, "source": acc}}}``."""
@@ -287,14 +302,7 @@ def part_b_seed(x: Tensor, y: Tensor, seed: int, cfg: Config,
         xa, ya = shift(x[adapt_idx], seed), y[adapt_idx]
         xt, yt = shift(x[test_idx], seed + 1), y[test_idx]
         rows: dict[str, dict[str, float]] = {}
-
-        def record(method: str, model: nn.Module, target_ctx=None, source_ctx=None) -> None:
-            with target_ctx or contextlib.nullcontext():
-                t = accuracy(model, xt, yt)
-            with source_ctx or contextlib.nullcontext():
-                s = accuracy(model, xs_test, ys_test)
-            rows[method] = {"target": t, "source": s}
-
+        record = functools.partial(_record, rows, (xt, yt), (xs_test, ys_test))
         record("source model as is", source)
 
         adabn = copy.deepcopy(source)

@@ -174,7 +174,7 @@ def export_domain(model: nn.Module, name: str = DEFAULT) -> nn.Module:
     """
     exported = copy.deepcopy(model)
     with torch.no_grad():
-        for lname, layer in batchnorm_layers(exported):
+        for _name, layer in batchnorm_layers(exported):
             if name != DEFAULT and name not in domains(layer):
                 continue
             src = domain_tensors(layer, name)

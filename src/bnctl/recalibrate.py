@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .apply import Selector, _apply, batchnorm_layers
-from .policy import Policy
 from .domains import domain as domain_scope
 from .modules import domain_tensors
+from .policy import Policy
 from .updates import restore, snapshot
 
 __all__ = ["recalibrate"]
