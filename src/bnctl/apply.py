@@ -80,6 +80,9 @@ def batchnorm_layers(
     ]
 
 
+_TORCH_MODES = (TORCH.mode(True), TORCH.mode(False))
+
+
 def _check_layer(name: str, layer: _BatchNorm, policy: Policy) -> None:
     """Raise before anything changes if ``policy`` cannot run on ``layer``."""
     if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
@@ -94,7 +97,7 @@ def _check_layer(name: str, layer: _BatchNorm, policy: Policy) -> None:
     needs_stats = (
         policy.train_normalize != "batch"
         or policy.eval_normalize not in ("batch", "running")
-        or (policy.updates and policy.name != "torch")
+        or (policy.updates and (policy.mode(True), policy.mode(False)) != _TORCH_MODES)
     )
     if layer.running_mean is None and needs_stats:
         raise ValueError(
@@ -167,19 +170,18 @@ class PolicyHandle:
 
 
 def _apply(
-    targets: list[tuple[str, _BatchNorm]],
-    policy_for: Callable[[_BatchNorm], Policy],
-    prefix: str = "",
+    targets: list[tuple[str, _BatchNorm]], policy_for: Callable[[_BatchNorm], Policy]
 ) -> PolicyHandle:
+    """Check every target first, then set each policy; all or nothing."""
     policies = []
     for name, layer in targets:
         policy = policy_for(layer)
-        _check_layer(_display_name(prefix + name, layer), layer, policy)
+        _check_layer(_display_name(name, layer), layer, policy)
         policies.append(policy)
     handle = PolicyHandle()
     try:
         for (name, layer), policy in zip(targets, policies):
-            handle._set(layer, policy, _display_name(prefix + name, layer))
+            handle._set(layer, policy, _display_name(name, layer))
     except BaseException:
         handle.remove()  # never leave a model half-converted
         raise
