@@ -18,15 +18,14 @@ from bnctl.functional import (
 def test_commit_all_or_nothing(host_check):
     a, b = torch.zeros(3), torch.ones(3)
     nbt = torch.tensor(4)
-    ok = _commit([(a, torch.full((3,), 2.0)), (b, torch.tensor([1.0, float("nan"), 1.0]))], nbt, host_check)
+    ok = _commit([a, b], torch.tensor([2.0, 2.0, 2.0, 1.0, float("nan"), 1.0]), nbt, host_check)
     assert not bool(ok)
     assert torch.equal(a, torch.zeros(3)) and torch.equal(b, torch.ones(3)) and int(nbt) == 4
-    ok = _commit([(a, torch.full((3,), 2.0)), (b, torch.full((3,), 3.0))], nbt, host_check)
+    ok = _commit([a, b], torch.tensor([2.0] * 3 + [3.0] * 3), nbt, host_check)
     assert bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
-    # a channel that was already non-finite does not block healing the others
-    b[1] = float("inf")
-    ok = _commit([(b, torch.tensor([4.0, float("inf"), 4.0]))], nbt, host_check)
-    assert bool(ok) and b[0] == 4.0 and int(nbt) == 6
+    for bad in (float("inf"), -float("inf"), 1e308):  # an overflowing float64 sum counts too
+        ok = _commit([a, b], torch.tensor([bad] * 6, dtype=torch.float64), nbt, host_check)
+        assert not bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
 
 
 def test_ema_update_formula_float64():
@@ -64,7 +63,7 @@ def test_cumulative_skips_non_finite_batch_and_keeps_accumulator():
     cumulative_update_(rm, rv, nbt, batch_stats(good), acc)
     bad = torch.randn(8, 2)
     bad[0, 0] = float("nan")
-    assert not cumulative_update_(rm, rv, nbt, batch_stats(bad), acc)
+    assert not bool(cumulative_update_(rm, rv, nbt, batch_stats(bad), acc))
     assert int(nbt) == 1 and float(acc.count) == 8
     torch.testing.assert_close(rm, good.mean(0))
 

@@ -309,3 +309,28 @@ def test_batch_statistics_without_graph_match_reference():
         y = bn(x)
     want = reference_bn(x, None, None, bn.weight, bn.bias, "batch")
     torch.testing.assert_close(y, want, **TOL[torch.float32])
+
+
+def test_skip_count_survives_policy_changes():
+    bn = bnctl.BatchNorm2d(3).train()
+    handle = bnctl.apply(bn, "running_update")
+    x = torch.randn(8, 3, 2, 2)
+    x[0, 0, 0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bn(x)
+    handle.remove()
+    assert bn.policy.name == "torch" and bn.skipped_updates == 1
+
+
+def test_non_finite_running_statistics_block_updates_loudly():
+    bn = pretrained("torch").train()
+    with torch.no_grad():
+        bn.running_var[1] = float("inf")  # a damaged checkpoint
+    before = copy.deepcopy(bn.state_dict())
+    with pytest.warns(RuntimeWarning, match="non-finite running statistics"):
+        bn(torch.randn(8, 3, 2, 2))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    bnctl.recalibrate(bn, [torch.randn(8, 3, 2, 2)])  # recalibration repairs them
+    assert torch.isfinite(bn.running_var).all()

@@ -18,6 +18,7 @@ batch is skipped (and reported to the caller) without a host synchronization.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -80,38 +81,36 @@ Status = Union[bool, Tensor]
 
 
 def _commit(
-    pairs: list[tuple[Tensor, Tensor]],
+    targets: list[Tensor],
+    candidates: Tensor,
     num_batches_tracked: Tensor | None,
     host_check: bool | None = None,
 ) -> Status:
-    """Copy each candidate into its target, all or none: none if any candidate is non-finite.
+    """Copy new values into ``targets``, all or none: none if any value is non-finite.
 
-    Channels whose target was already non-finite are ignored, so a damaged
-    buffer can heal. On the CPU the check branches in Python (free there); on
-    other devices it is a masked copy, so no forward waits for the device.
+    ``candidates`` is the flat concatenation of the new values, in the order
+    of ``targets``. One float64 sum over all of them decides (so values large
+    enough to overflow float64 count as non-finite too). On the CPU the
+    check branches in Python (free there); on other devices it is a masked
+    copy in a handful of kernels, so no forward waits for the device.
     ``host_check`` overrides that choice (for tests).
     """
+    total = candidates.sum(dtype=torch.float64)
+    sizes = [t.numel() for t in targets]
     if host_check is None:
-        host_check = pairs[0][0].device.type == "cpu"
+        host_check = targets[0].device.type == "cpu"
     if host_check:
-        ok = all(bool(torch.isfinite(new).all()) for _, new in pairs)
-        if not ok:
-            ok = all(
-                bool((torch.isfinite(new) | ~torch.isfinite(old)).all()) for old, new in pairs
-            )
+        ok = math.isfinite(float(total))
         if ok:
-            for old, new in pairs:
-                old.copy_(new)
+            for target, new in zip(targets, candidates.split(sizes)):
+                target.copy_(new.view_as(target))
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         return ok
-    # Device path, in few kernel launches: every candidate checked and committed at once.
-    olds = [old for old, _ in pairs]
-    news = torch.cat([new.reshape(-1).to(old.dtype) for old, new in pairs])
-    current = torch.cat([old.reshape(-1) for old in olds])
-    flag = (torch.isfinite(news) | ~torch.isfinite(current)).all()
-    merged = torch.where(flag, news, current)
-    torch._foreach_copy_(olds, [m.view_as(o) for m, o in zip(merged.split([o.numel() for o in olds]), olds)])
+    flag = (total * 0) == 0  # False for inf and nan
+    current = torch.cat([t.reshape(-1).to(candidates.dtype) for t in targets])
+    merged = torch.where(flag, candidates, current)
+    torch._foreach_copy_(targets, [m.view_as(t) for m, t in zip(merged.split(sizes), targets)])
     if num_batches_tracked is not None:
         num_batches_tracked.add_(flag)
     return flag
@@ -145,13 +144,10 @@ def ema_update_(
     """
     with torch.no_grad():
         weight = _ema_weight(momentum, num_batches_tracked)
-        mean = stats.mean.to(running_mean.dtype)
-        var_unbiased = stats.var.to(running_var.dtype) * (stats.n / (stats.n - 1))
+        current = torch.stack([running_mean, running_var])
+        batch = torch.stack([stats.mean, stats.var * (stats.n / (stats.n - 1))]).to(current.dtype)
         return _commit(
-            [
-                (running_mean, torch.lerp(running_mean, mean, weight)),
-                (running_var, torch.lerp(running_var, var_unbiased, weight)),
-            ],
+            [running_mean, running_var], torch.lerp(current, batch, weight).reshape(-1),
             num_batches_tracked,
         )
 
@@ -174,25 +170,28 @@ class Accumulator:
         zeros = torch.zeros(num_features, dtype=torch.float64, device=device)
         return cls(torch.zeros((), dtype=torch.float64, device=device), zeros, zeros.clone())
 
-    def merged(self, stats: BatchStats) -> list[tuple[Tensor, Tensor]]:
-        """(current, merged) pairs for one more batch's (n, mean, biased var)."""
+    @property
+    def tensors(self) -> list[Tensor]:
+        """``[mean, m2, count]``, the order of :meth:`merged`'s values."""
+        return [self.mean, self.m2, self.count.view(1)]
+
+    def merged(self, stats: BatchStats) -> list[Tensor]:
+        """``[mean, m2, count]`` after merging one more batch's (n, mean, biased var)."""
         mean_b = stats.mean.to(torch.float64)
         m2_b = stats.var.to(torch.float64) * stats.n
         total = self.count + stats.n
         delta = mean_b - self.mean
         mean = self.mean + delta * (stats.n / total)
         m2 = self.m2 + m2_b + delta * delta * (self.count * stats.n / total)
-        return [(self.mean, mean), (self.m2, m2), (self.count, total)]
+        return [mean, m2, total.view(1)]
 
     def population(self) -> tuple[Tensor, Tensor]:
         """(mean, unbiased variance) of everything merged so far."""
-        return self.mean, self.m2 / (self.count - 1).clamp_min(1)
+        return _population(self.mean, self.m2, self.count)
 
-    @staticmethod
-    def population_of(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        """(mean, unbiased variance) after a merge, from :meth:`merged`'s pairs."""
-        (_, mean), (_, m2), (_, count) = pairs
-        return mean, m2 / (count - 1).clamp_min(1)
+
+def _population(mean: Tensor, m2: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    return mean, m2 / (count - 1).clamp_min(1)
 
 
 def cumulative_update_(
@@ -212,13 +211,13 @@ def cumulative_update_(
         Whether the update was applied (a bool on the CPU, a 0-dim bool tensor elsewhere).
     """
     with torch.no_grad():
-        pairs = accumulator.merged(stats)
-        mean, var = Accumulator.population_of(pairs)
-        pairs += [
-            (running_mean, mean.to(running_mean.dtype)),
-            (running_var, var.to(running_var.dtype)),
-        ]
-        return _commit(pairs, num_batches_tracked)
+        merged = accumulator.merged(stats)
+        mean, var = _population(*merged)
+        return _commit(
+            [*accumulator.tensors, running_mean, running_var],
+            torch.cat([*merged, mean, var]),
+            num_batches_tracked,
+        )
 
 
 def commit_pooled_(
@@ -320,11 +319,11 @@ def _native_ema(
     finite. (Autograd keeps the tensors passed to the kernel for backward,
     so those must be the copies, not the buffers.)
     """
-    new_mean, new_var = running_mean.clone(), running_var.clone()
+    new = torch.stack([running_mean, running_var])
     factor = _ema_weight(momentum, num_batches_tracked)
-    out = F.batch_norm(x, new_mean, new_var, weight, bias, True, factor, eps)
+    out = F.batch_norm(x, new[0], new[1], weight, bias, True, factor, eps)
     with torch.no_grad():
-        ok = _commit([(running_mean, new_mean), (running_var, new_var)], num_batches_tracked)
+        ok = _commit([running_mean, running_var], new.reshape(-1), num_batches_tracked)
     return out, ok
 
 
@@ -417,7 +416,7 @@ def batch_norm_with_status(
         return out, None
     if defer is not None:  # pool this batch's statistics; the buffers wait for the commit
         with torch.no_grad():
-            return out, _commit(defer.merged(stats), None)
+            return out, _commit(defer.tensors, torch.cat(defer.merged(stats)), None)
     if update == "ema":
         return out, ema_update_(running_mean, running_var, num_batches_tracked, stats, momentum)
     if accumulator is None:

@@ -38,9 +38,8 @@ class LayerState:
 
     ``origin`` is the class the layer had before bnctl touched it, and
     ``requires_grad`` its parameters' flags then; :func:`bnctl.revert`
-    restores both. ``skipped`` counts running updates skipped for
-    non-finite statistics: an int on the CPU, a tensor on the layer's device
-    elsewhere (no host synchronization).
+    restores both. ``counts`` is shared by every state the layer has had, so
+    the record of skipped updates survives policy changes.
     """
 
     policy: Policy
@@ -48,8 +47,24 @@ class LayerState:
     origin: type
     requires_grad: tuple[bool, bool] | None = None
     accumulator: Accumulator | None = None
-    skipped: int | Tensor | None = field(default=None, repr=False)
+    counts: UpdateCounts = field(default_factory=lambda: UpdateCounts())
     pool: Pool | None = None
+
+
+@dataclass
+class UpdateCounts:
+    """Attempted and applied running updates; the difference were skipped (non-finite).
+
+    ``applied`` is an int on the CPU and a tensor on the layer's device
+    elsewhere, so counting never waits for the device.
+    """
+
+    attempts: int = 0
+    applied: int | Tensor = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.attempts - int(self.applied)
 
 
 @dataclass
@@ -135,8 +150,7 @@ class _PolicyForward(_BatchNorm):
     @property
     def skipped_updates(self) -> int:
         """Running updates skipped because the batch statistics were non-finite."""
-        skipped = self._bnctl.skipped
-        return 0 if skipped is None else int(skipped)
+        return self._bnctl.counts.skipped
 
     def extra_repr(self) -> str:
         policy = self._bnctl.policy
@@ -158,23 +172,26 @@ def _expected_shape(layer: _BatchNorm) -> str:
 
 def count_skip(layer: _BatchNorm, state: LayerState, ok: Status) -> None:
     """Record the outcome of an attempted running update (warn on the CPU when skipped)."""
+    counts = state.counts
+    counts.attempts += 1
     if isinstance(ok, bool):  # on the CPU: count and warn at once
+        counts.applied += int(ok)
         if not ok:
-            state.skipped = (0 if state.skipped is None else state.skipped) + 1
             warnings.warn(
                 f"{state.name}: skipped the running-statistics update of this batch "
-                "(non-finite or undefined batch statistics); running_mean, running_var and "
-                f"num_batches_tracked are unchanged ({int(state.skipped)} skipped so far). "
-                "Check the input and the preceding layers for overflow.",
+                "(non-finite or undefined batch statistics, or non-finite running statistics); "
+                "running_mean, running_var and num_batches_tracked are unchanged "
+                f"({counts.skipped} skipped so far). Check the input and the "
+                "preceding layers for overflow, and the buffers with bnctl.report(model).",
                 RuntimeWarning,
                 stacklevel=3,
             )
         return
-    # Elsewhere reading the flag would make every forward wait for the device: count
-    # on the device; report() and skipped_updates read the count.
-    if state.skipped is None or isinstance(state.skipped, int):
-        state.skipped = torch.full((), state.skipped or 0, dtype=torch.long, device=ok.device)
-    state.skipped.add_(~ok)
+    # Elsewhere reading the flag would make every forward wait for the device: count on the
+    # device; report() and skipped_updates read the count.
+    if isinstance(counts.applied, int):
+        counts.applied = torch.full((), counts.applied, dtype=torch.long, device=ok.device)
+    counts.applied.add_(ok)
 
 
 # -- domains (see domains.py): which tensors a forward uses -------------------------------
@@ -332,7 +349,7 @@ def set_policy(layer: _BatchNorm, policy: str | Policy, name: str) -> LayerState
             previous.origin,
             previous.requires_grad,
             None,  # a new policy starts a fresh cumulative average
-            previous.skipped,
+            previous.counts,
         )
     layer.__class__ = cls
     layer._bnctl = state
