@@ -110,10 +110,20 @@ def _commit(
     flag = (total * 0) == 0  # False for inf and nan
     current = torch.cat([t.reshape(-1).to(candidates.dtype) for t in targets])
     merged = torch.where(flag, candidates, current)
-    torch._foreach_copy_(targets, [m.view_as(t) for m, t in zip(merged.split(sizes), targets)])
+    _copy_all(targets, [m.view_as(t) for m, t in zip(merged.split(sizes), targets)])
     if num_batches_tracked is not None:
         num_batches_tracked.add_(flag)
     return flag
+
+
+def _copy_all(targets: list[Tensor], values: list[Tensor]) -> None:
+    """``target.copy_(value)`` for each pair, in one fused call where torch has it (>= 2.2)."""
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is not None:
+        foreach_copy(targets, values)
+    else:
+        for target, value in zip(targets, values):
+            target.copy_(value)
 
 
 def _ema_weight(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
