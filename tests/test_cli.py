@@ -109,3 +109,23 @@ def test_demo_without_sklearn_is_a_clear_error(capsys, monkeypatch):
     block_imports(monkeypatch, "sklearn")
     assert main(["demo", "--quick", "--no-progress"]) == 2
     assert "pip install 'bnctl[demo]'" in capsys.readouterr().err
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that inspect never runs code from a checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_inspect_never_executes_code_from_the_file(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "payload": _Payload(marker)}, path)
+    assert not marker.exists()
+    assert main(["inspect", str(path)]) == 2
+    assert not marker.exists()
+    assert "weights_only=True" in capsys.readouterr().err
