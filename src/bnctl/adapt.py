@@ -113,7 +113,10 @@ def prepare_test_time(
         raise
     model.eval()
     params = [
-        p for _, layer in ((n, m) for n, m in model.named_modules() if hasattr(m, "_bnctl"))
-        for p in layer.parameters(recurse=False) if p.requires_grad
+        p
+        for module in model.modules()
+        if "_bnctl" in module.__dict__
+        for p in module.parameters(recurse=False)
+        if p.requires_grad
     ]
     return TestTimeHandle(model, handle, training, requires_grad, params)

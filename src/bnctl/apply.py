@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .modules import LayerState, policy_class, set_policy
+from .modules import LayerState, layer_policy, policy_class, set_policy
 from .policy import TORCH, Policy, get_policy, replace
 
 __all__ = [
@@ -188,6 +188,12 @@ def _apply(
     return handle
 
 
+def _controlled(targets: list[tuple[str, _BatchNorm]]) -> PolicyHandle:
+    """Give the plain layers among ``targets`` the ``torch`` policy (bit-identical), so bnctl
+    controls their forward; the handle turns them back."""
+    return _apply([(n, m) for n, m in targets if "_bnctl" not in m.__dict__], lambda _m: TORCH)
+
+
 def apply(
     model: nn.Module,
     policy: str | Policy,
@@ -292,8 +298,7 @@ def no_update(model: nn.Module) -> Iterator[None]:
         0
     """
     def frozen_updates(layer: _BatchNorm) -> Policy:
-        current = layer._bnctl.policy if hasattr(layer, "_bnctl") else TORCH
-        return replace(current, train_update="none", eval_update="none", learn_affine=None)
+        return replace(layer_policy(layer), train_update="none", eval_update="none", learn_affine=None)
 
     handle = _apply(batchnorm_layers(model), frozen_updates)
     try:

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import Selector, _apply, batchnorm_layers, revert
+from .apply import Selector, _controlled, batchnorm_layers, revert
 from .modules import _AFFINE, _STATS, DEFAULT, _key, domain_tensors, domains
-from .policy import TORCH
 
 __all__ = ["DEFAULT", "add_domains", "domain", "domains", "export_domain", "remove_domains"]
 
@@ -96,7 +95,7 @@ def add_domains(
         clash = sorted(set(names) & set(domains(layer)))
         if clash:
             raise ValueError(f"{lname or type(layer).__name__}: domain(s) {clash} already exist.")
-    _apply([(n, m) for n, m in targets if not hasattr(m, "_bnctl")], lambda _m: TORCH)
+    _controlled(targets)  # permanent: domains need bnctl's forward
     for _lname, layer in targets:
         for name in names:
             for base in _STATS:

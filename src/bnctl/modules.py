@@ -89,7 +89,7 @@ class _PolicyForward(_BatchNorm):
         mode = resolve_mode(
             state.policy, self.training, self.track_running_stats, running_mean is not None
         )
-        momentum = self.momentum if state.policy.momentum is None else state.policy.momentum
+        momentum = effective_momentum(self)
         if mode.update == "cumulative" and state.accumulator is None:
             state.accumulator = Accumulator.empty(self.num_features, input.device)
         limits: tuple[Any, Any] = (state.policy.rmax, state.policy.dmax)
@@ -123,7 +123,7 @@ class _PolicyForward(_BatchNorm):
             layer=state.name,
         )
         if ok is not None:
-            count_skip(self, state, ok)
+            count_skip(state, ok)
         return out
 
     def _check_input(self, input: Tensor, name: str) -> None:
@@ -170,7 +170,19 @@ def _expected_shape(layer: _BatchNorm) -> str:
     return "(N, C, ...)"
 
 
-def count_skip(layer: _BatchNorm, state: LayerState, ok: Status) -> None:
+def layer_policy(layer: _BatchNorm) -> Policy:
+    """The policy a layer follows: its bnctl policy, or ``torch`` for a plain layer."""
+    state = layer.__dict__.get("_bnctl")
+    return TORCH if state is None else state.policy
+
+
+def effective_momentum(layer: _BatchNorm) -> float | None:
+    """The momentum a layer's updates use: the policy's override, else the layer's own."""
+    policy = layer_policy(layer)
+    return layer.momentum if policy.momentum is None else policy.momentum
+
+
+def count_skip(state: LayerState, ok: Status) -> None:
     """Record the outcome of an attempted running update (warn on the CPU when skipped)."""
     counts = state.counts
     counts.attempts += 1

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .apply import batchnorm_layers, no_update
-from .modules import domain_tensors, domains
-from .policy import TORCH, resolve_mode
+from .modules import domain_tensors, domains, effective_momentum, layer_policy
+from .policy import Mode, resolve_mode
 
 __all__ = ["LayerReport", "Report", "report"]
 
@@ -86,9 +86,14 @@ class Report:
         return "\n".join(lines)
 
 
+def _mode(layer: _BatchNorm, training: bool) -> Mode:
+    return resolve_mode(
+        layer_policy(layer), training, layer.track_running_stats, layer.running_mean is not None
+    )
+
+
 def _mode_text(layer: _BatchNorm, training: bool) -> str:
-    policy = layer._bnctl.policy if hasattr(layer, "_bnctl") else TORCH
-    mode = resolve_mode(policy, training, layer.track_running_stats, layer.running_mean is not None)
+    mode = _mode(layer, training)
     normalize = mode.normalize if isinstance(mode.normalize, str) else f"blend({mode.normalize:g})"
     return f"{normalize}/{mode.update}"
 
@@ -103,8 +108,7 @@ def _affine_text(layer: _BatchNorm) -> str:
 
 def _traps(layer: _BatchNorm) -> list[str]:
     found = []
-    policy = layer._bnctl.policy if hasattr(layer, "_bnctl") else TORCH
-    updates_in_train = _mode_text(layer, True).split("/")[1] != "none"
+    updates_in_train = _mode(layer, True).update != "none"
     if _affine_text(layer) == "frozen" and updates_in_train:
         found.append(
             "weight/bias have requires_grad=False but the running statistics still update in "
@@ -125,7 +129,7 @@ def _traps(layer: _BatchNorm) -> list[str]:
     if not layer.track_running_stats and layer.running_mean is not None:
         found.append("track_running_stats was switched off after construction: train() "
                       "normalizes with batch statistics, eval() with the stale buffers")
-    momentum = policy.momentum if policy.momentum is not None else layer.momentum
+    momentum = effective_momentum(layer)
     if momentum is not None and 0.9 <= momentum < 1.0:
         found.append(f"momentum={momentum:g} looks like a Keras/Flax decay; PyTorch's momentum "
                      f"is the weight of the new batch (bnctl.momentum_from_decay({momentum:g}) "
@@ -194,7 +198,7 @@ def report(model: nn.Module, batch: Any = None) -> Report:
     rows = []
     for name, layer in layers:
         display = name or type(layer).__name__
-        policy = layer._bnctl.policy if hasattr(layer, "_bnctl") else TORCH
+        policy = layer_policy(layer)
         row = LayerReport(
             name=display,
             cls=type(layer).__name__,
@@ -202,7 +206,7 @@ def report(model: nn.Module, batch: Any = None) -> Report:
             train=_mode_text(layer, True),
             eval=_mode_text(layer, False),
             affine=_affine_text(layer),
-            momentum=policy.momentum if policy.momentum is not None else layer.momentum,
+            momentum=effective_momentum(layer),
             eps=layer.eps,
             num_batches_tracked=None if layer.num_batches_tracked is None
             else int(layer.num_batches_tracked),

@@ -18,10 +18,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .apply import _apply, batchnorm_layers, no_update
-from .functional import commit_pooled_
-from .modules import Pool, count_skip, domain_tensors
-from .policy import TORCH
+from .apply import _controlled, batchnorm_layers, no_update
+from .functional import Accumulator, commit_pooled_
+from .modules import Pool, count_skip, domain_tensors, effective_momentum
 
 __all__ = ["snapshot", "restore", "accumulate", "checkpoint_context"]
 
@@ -95,7 +94,7 @@ def accumulate(model: nn.Module) -> Iterator[None]:
         (True, 1)
     """
     layers = batchnorm_layers(model)
-    handle = _apply([(n, m) for n, m in layers if not hasattr(m, "_bnctl")], lambda _m: TORCH)
+    handle = _controlled(layers)
     try:
         for _, layer in layers:
             if layer._bnctl.pool is not None:
@@ -111,10 +110,7 @@ def accumulate(model: nn.Module) -> Iterator[None]:
                 if pool.accumulator is None:
                     continue
                 if pool.update == "cumulative" and state.accumulator is None:
-                    state.accumulator = type(pool.accumulator).empty(
-                        layer.num_features, pool.accumulator.mean.device
-                    )
-                momentum = state.policy.momentum if state.policy.momentum is not None else layer.momentum
+                    state.accumulator = Accumulator.empty(layer.num_features, pool.accumulator.mean.device)
                 running_mean, running_var, num_batches_tracked, _w, _b = domain_tensors(
                     layer, layer.__dict__.get("_bnctl_domain")
                 )
@@ -124,11 +120,11 @@ def accumulate(model: nn.Module) -> Iterator[None]:
                     num_batches_tracked,
                     pool.accumulator,
                     pool.update,
-                    momentum,
+                    effective_momentum(layer),
                     state.accumulator,
                 )
                 if ok is not None:
-                    count_skip(layer, state, ok)
+                    count_skip(state, ok)
     finally:
         for _, layer in layers:
             if hasattr(layer, "_bnctl"):
