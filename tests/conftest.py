@@ -1,4 +1,4 @@
-"""Shared test helpers: a plain float64 reference and per-dtype tolerances."""
+"""Shared test helpers: a plain reference, per-dtype tolerances, small models, look-alikes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnctl
+from bnctl import Mode
+from bnctl.functional import batch_norm
+from bnctl.policy import make_step
 
 # Tolerances for comparisons against references, per dtype (torch.testing defaults are
 # tighter than reductions over ~1e5 values allow in float32).
@@ -79,3 +86,113 @@ def block_imports(monkeypatch, prefix: str) -> None:
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+# -- small models and data shared by several test files -------------------------------------
+
+
+def make_model():
+    """Conv-BN-ReLU-Dropout-Conv-BN on 2-channel 5x5 inputs (fixed seed)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+    )
+
+
+def data(n=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 5, 5, generator=g) * 3 + 2
+
+
+# Every (normalize, update) combination a layer can run, for gradient and device tests.
+MODES = [
+    ("batch", "ema"),
+    ("batch", "none"),
+    ("batch", "cumulative"),
+    ("running", "none"),
+    ("running", "ema"),
+    ("renorm", "ema"),
+    (0.3, "none"),
+    (0.7, "ema"),
+]
+
+
+def make_inputs(shape, dtype=torch.float64, affine=True):
+    """(x, running_mean, running_var, weight, bias) with x, weight and bias requiring grad."""
+    c = shape[1]
+    x = (torch.randn(shape, dtype=dtype) * 2 + 0.5).requires_grad_()
+    rm = torch.randn(c, dtype=dtype) * 0.5
+    rv = torch.rand(c, dtype=dtype) + 0.5
+    w = (torch.rand(c, dtype=dtype) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=dtype).requires_grad_() if affine else None
+    return x, rm, rv, w, b
+
+
+RENORM_LIMITS = (1.5, 0.5)  # r_max, d_max used with make_inputs/ours (reference_bn's rmax, dmax)
+
+
+def ours(x, rm, rv, w, b, mode):
+    """bnctl's functional batch_norm on fresh copies of the buffers (repeated calls see one function)."""
+    acc = bnctl.Accumulator.empty(x.shape[1], x.device) if mode[1] == "cumulative" else None
+    step = make_step(Mode(*mode), 0.1, renorm=(*RENORM_LIMITS, (0, 0)))
+    return batch_norm(
+        x, rm.clone(), rv.clone(), w, b, mode=step, accumulator=acc,
+        num_batches_tracked=torch.tensor(0, device=x.device),
+    )
+
+
+class KeywordModel(nn.Module):
+    """A model called with a keyword argument (dict batches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, inputs):
+        return self.bn(inputs)
+
+
+def trained_state():
+    """A state dict with two BatchNorm layers (1: 2d, 4: 1d) after one training batch."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3),
+                      nn.BatchNorm1d(3))
+    m.train()(torch.randn(8, 1, 4, 4))
+    return m.state_dict()
+
+
+# -- look-alikes of other libraries' layers (CI has neither timm nor torchvision) ----------
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm-style look-alike: BatchNorm computed inside forward, then dropout and activation."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, self.momentum, self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class SuperAct2d(nn.BatchNorm2d):
+    """A subclass whose forward delegates to super().forward and adds an activation."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision-style look-alike: buffers only, not a _BatchNorm."""
+
+    def __init__(self, n):
+        super().__init__()
+        for k, v in [("weight", torch.ones(n)), ("bias", torch.zeros(n)),
+                     ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n))]:
+            self.register_buffer(k, v)

@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bnctl
+from conftest import FrozenBatchNorm2d
 
 
 class Net(nn.Module):
@@ -28,39 +28,6 @@ def trained_net():
         for _ in range(3):
             net(torch.randn(8, 3, 4, 4))
     return net
-
-
-class BatchNormAct2d(nn.BatchNorm2d):
-    """timm-style look-alike: BatchNorm computed inside forward, then dropout and activation."""
-
-    def __init__(self, n):
-        super().__init__(n)
-        self.drop = nn.Identity()
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        x = F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
-            self.training, self.momentum, self.eps,
-        )
-        return self.act(self.drop(x))
-
-
-class SuperAct2d(nn.BatchNorm2d):
-    """A subclass whose forward delegates to super().forward and adds an activation."""
-
-    def forward(self, x):
-        return torch.relu(super().forward(x))
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """torchvision-style look-alike: buffers only, not a _BatchNorm."""
-
-    def __init__(self, n):
-        super().__init__()
-        for k, v in [("weight", torch.ones(n)), ("bias", torch.zeros(n)),
-                     ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n))]:
-            self.register_buffer(k, v)
 
 
 def test_apply_keeps_identity_params_buffers_hooks_and_isinstance():
@@ -169,54 +136,6 @@ def test_optimizer_built_before_keeps_working():
     assert not torch.equal(net.stem[1].weight, w)  # affine still learns
 
 
-def test_subclass_calling_super_keeps_its_activation():
-    bn = SuperAct2d(3)
-    with torch.no_grad():
-        bn.running_mean.fill_(5.0)
-    bnctl.apply(bn, "frozen_stats")
-    y = bn.train()(torch.randn(4, 3, 2, 2))
-    assert (y == 0).all()  # normalized with running mean 5, then ReLU
-    assert int(bn.num_batches_tracked) == 0
-
-
-def test_subclass_computing_batchnorm_itself_is_refused_then_registered():
-    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3), nn.BatchNorm2d(3))
-    with pytest.raises(TypeError, match=r"^1: .*BatchNormAct2d overrides forward.*register_subclass"):
-        bnctl.apply(model, "frozen")
-    assert type(model[2]) is nn.BatchNorm2d  # nothing was half-converted
-    handle = bnctl.apply(model, "frozen", exclude="1")
-    handle.remove()
-    bnctl.register_subclass(BatchNormAct2d, lambda layer, y: layer.act(layer.drop(y)))
-    try:
-        bnctl.apply(model, "frozen")
-        with torch.no_grad():
-            model[1].running_mean.fill_(100.0)
-        y = model[1].train()(torch.randn(4, 3, 2, 2))
-        assert (y == 0).all() and int(model[1].num_batches_tracked) == 0
-    finally:
-        bnctl.modules._ADAPTERS.pop(BatchNormAct2d)
-
-
-def test_sync_batchnorm_on_cpu_and_lazy_batchnorm():
-    sync = nn.SyncBatchNorm(3)
-    ref = nn.BatchNorm2d(3)
-    ref.load_state_dict(sync.state_dict())
-    bnctl.apply(sync, "torch")
-    x = torch.randn(4, 3, 2, 2)
-    assert torch.equal(sync.train()(x), ref.train()(x))
-    bnctl.apply(sync, "frozen")
-    sync(x)
-    assert torch.equal(sync.num_batches_tracked, ref.num_batches_tracked)
-
-    lazy = nn.LazyBatchNorm2d()
-    with pytest.raises(ValueError, match="materialized"):
-        bnctl.apply(lazy, "frozen")
-    lazy(x)
-    bnctl.apply(lazy, "frozen")
-    lazy(x)
-    assert int(lazy.num_batches_tracked) == 1
-
-
 def test_frozen_batchnorm_lookalike_is_not_touched():
     model = nn.Sequential(FrozenBatchNorm2d(3), nn.BatchNorm2d(3))
     assert bnctl.apply(model, "frozen_stats").layers == ["1"]
@@ -310,17 +229,52 @@ def test_forum_settings_are_different_and_bnctl_gives_each():
     assert int(frozen.num_batches_tracked) == 10
 
 
-def test_real_timm_batchnormact2d_is_refused_or_registered():
-    """Where timm is installed (not in CI): its BatchNormAct2d keeps its activation."""
-    timm_norm = pytest.importorskip("timm.layers.norm_act")
-    layer = timm_norm.BatchNormAct2d(3, act_layer=nn.ReLU)
-    with pytest.raises(TypeError, match="BatchNormAct2d"):
-        bnctl.apply(layer, "frozen")
-    bnctl.register_subclass(timm_norm.BatchNormAct2d, lambda m, y: m.act(m.drop(y)))
-    try:
-        bnctl.apply(layer, "frozen")
-        with torch.no_grad():
-            layer.running_mean.fill_(100.0)
-        assert (layer.train()(torch.randn(4, 3, 2, 2)) == 0).all()
-    finally:
-        bnctl.modules._ADAPTERS.pop(timm_norm.BatchNormAct2d)
+
+
+# -- scopes compose with policies --------------------------------------------------------------
+
+
+def test_apply_inside_no_update_then_both_end_leaves_a_normal_layer():
+    bn = nn.BatchNorm1d(3).train()
+    with bnctl.no_update(bn):
+        handle = bnctl.apply(bn, "running_update")
+        bn(torch.randn(8, 3))
+        assert int(bn.num_batches_tracked) == 0  # the outer scope holds
+    bn(torch.randn(8, 3))
+    assert int(bn.num_batches_tracked) == 1 and bn.policy.name == "running_update"
+    handle.remove()
+    assert type(bn) is nn.BatchNorm1d
+    bn(torch.randn(8, 3))
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_using_inside_no_update_writes_nothing():
+    bn = nn.BatchNorm1d(3).train()
+    before = copy.deepcopy(bn.state_dict())
+    with bnctl.no_update(bn), bnctl.using(bn, "running_update"), bnctl.no_update(bn):
+        bn(torch.randn(8, 3))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert type(bn) is nn.BatchNorm1d and "_bnctl" not in bn.__dict__
+
+
+def test_remove_after_revert_has_nothing_left_to_undo():
+    bn = nn.BatchNorm1d(3)
+    handle = bnctl.apply(bn, "frozen")
+    bnctl.revert(bn)
+    handle.remove()
+    assert type(bn) is nn.BatchNorm1d and bn.weight.requires_grad
+
+
+def test_eval_forward_then_train_forward_then_one_backward():
+    """Plain torch allows it; the train forward's update must not invalidate the eval graph."""
+    for first, second in [("torch", "torch"), ("running_update", "running_update"), ("renorm", "renorm"),
+                          ("frozen_stats", "torch")]:
+        bn = trained_net().stem[1]
+        x = torch.randn(4, 4, 4, 4, requires_grad=True)
+        with bnctl.using(bn, first):
+            y1 = bn.eval()(x)
+        with bnctl.using(bn, second):
+            y2 = bn.train()(x)
+        (y1 * torch.randn_like(y1)).sum().add((y2 * torch.randn_like(y2)).sum()).backward()
+        assert x.grad is not None

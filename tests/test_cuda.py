@@ -5,11 +5,10 @@ import warnings
 
 import pytest
 import torch
-from test_autograd import MODES, make_inputs, ours
 from torch import nn
 
 import bnctl
-from conftest import TOL, reference_bn
+from conftest import MODES, RENORM_LIMITS, TOL, make_inputs, ours, reference_bn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = "cuda"
@@ -78,7 +77,7 @@ def test_modes_match_reference_cuda_float64(mode):
     y = ours(x, rm, rv, w, b, mode)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, w, b), g)
-    ref_y = reference_bn(x, rm, rv, w, b, mode[0], rmax=1.5, dmax=0.5)
+    ref_y = reference_bn(x, rm, rv, w, b, mode[0], rmax=RENORM_LIMITS[0], dmax=RENORM_LIMITS[1])
     want = torch.autograd.grad(ref_y, (x, w, b), g)
     torch.testing.assert_close(y, ref_y, **TOL[torch.float64])
     for a, e in zip(got, want):

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from test_recalibrate import data, make_model
 from torch import nn
 
 import bnctl
+from conftest import data, make_model
 
 
 def model_with_domains(affine=False):
@@ -119,3 +119,43 @@ def test_domain_selection_restored_on_error():
     before = model[1].running_mean.clone()
     model.train()(data(8) + 10)
     assert not torch.equal(model[1].running_mean, before)  # back on the default domain
+
+
+def test_cumulative_statistics_are_kept_per_domain():
+    """The recalibrate preset averages each domain's data on its own."""
+    bn = nn.BatchNorm1d(2)
+    bnctl.add_domains(bn, "tgt")
+    bnctl.apply(bn, "recalibrate")
+    src, tgt = torch.randn(16, 2), torch.randn(16, 2) * 2 + 10
+    bn(src[:8])
+    with bnctl.domain(bn, "tgt"):
+        bn(tgt[:8])
+    bn(src[8:])
+    with bnctl.domain(bn, "tgt"):
+        bn(tgt[8:])
+    torch.testing.assert_close(bn.running_mean, src.mean(0))
+    torch.testing.assert_close(bn.running_mean__tgt, tgt.mean(0))
+    torch.testing.assert_close(bn.running_var__tgt, tgt.var(0))
+
+
+def test_export_of_an_unknown_domain_is_an_error_not_the_default():
+    model = model_with_domains()
+    with pytest.raises(ValueError, match=r"got 'targte'. Known domains: \['default', 'night', 'target'\]"):
+        bnctl.export_domain(model, "targte")
+
+
+def test_a_single_name_is_one_domain():
+    bn = nn.BatchNorm1d(3)
+    bnctl.add_domains(bn, "source")
+    assert bnctl.domains(bn) == ["default", "source"]
+
+
+def test_recalibrate_a_domain_reaches_only_layers_that_have_it():
+    model = make_model().eval()
+    bnctl.add_domains(model, "target", include="1")
+    before = copy.deepcopy(model.state_dict())
+    assert bnctl.recalibrate(model, [data(8)], domain="target") == ["1"]
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.endswith("__target"))
+    with pytest.raises(ValueError, match="Known domains"):
+        bnctl.recalibrate(model, [data(8)], domain="night")

@@ -1,4 +1,7 @@
-"""The functional core: statistics, updates, the non-finite guard."""
+"""The functional core: statistics, normalization of every mode and its gradient, update rules,
+the non-finite guard."""
+
+import math
 
 import pytest
 import torch
@@ -6,37 +9,69 @@ import torch
 from bnctl import Mode
 from bnctl.functional import (
     Accumulator,
-    _commit,
+    BatchAverage,
+    BatchStats,
+    _copy_if_finite_device,
+    _copy_if_finite_host,
     batch_norm,
     batch_stats,
-    cumulative_update_,
-    ema_update_,
+    ema,
+    new_running_values,
+    normalize,
+    normalize_and_observe,
+    step_for_batch,
 )
+from bnctl.policy import Step
+from conftest import MODES, RENORM_LIMITS, TOL, make_inputs, ours, reference_bn
+
+SHAPES = [(2, 3), (2, 3, 1, 1), (2, 3, 1), (3, 2, 2, 3), (2, 2, 1, 2, 2)]
+
+# -- the guard: both paths, chosen by device in copy_if_finite_ --------------------------
+
+GUARDS = [_copy_if_finite_host, _copy_if_finite_device]
 
 
-@pytest.mark.parametrize("host_check", [True, False])
-def test_commit_all_or_nothing(host_check):
+@pytest.mark.parametrize("guard", GUARDS, ids=["host", "device"])
+def test_guard_writes_all_or_nothing(guard):
     a, b = torch.zeros(3), torch.ones(3)
     nbt = torch.tensor(4)
-    ok = _commit([a, b], torch.tensor([2.0, 2.0, 2.0, 1.0, float("nan"), 1.0]), nbt, host_check)
+    ok = guard([a, b], torch.tensor([2.0, 2.0, 2.0, 1.0, float("nan"), 1.0]), nbt)
     assert not bool(ok)
     assert torch.equal(a, torch.zeros(3)) and torch.equal(b, torch.ones(3)) and int(nbt) == 4
-    ok = _commit([a, b], torch.tensor([2.0] * 3 + [3.0] * 3), nbt, host_check)
+    ok = guard([a, b], torch.tensor([2.0] * 3 + [3.0] * 3), nbt)
     assert bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
     for bad in (float("inf"), -float("inf"), 1e308):  # an overflowing float64 sum counts too
-        ok = _commit([a, b], torch.tensor([bad] * 6, dtype=torch.float64), nbt, host_check)
+        ok = guard([a, b], torch.tensor([bad] * 6, dtype=torch.float64), nbt)
         assert not bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
 
 
-def test_ema_update_formula_float64():
+def test_guard_host_path_returns_bool_device_path_tensor():
+    a = torch.zeros(2)
+    assert _copy_if_finite_host([a], torch.ones(2), None) is True
+    flag = _copy_if_finite_device([a], torch.ones(2), None)
+    assert isinstance(flag, torch.Tensor) and flag.dtype == torch.bool and flag.dim() == 0
+
+
+# -- update rules ---------------------------------------------------------------------------
+
+
+def test_ema_formula_float64():
     x = torch.randn(16, 4, 3, dtype=torch.float64)
     stats = batch_stats(x)
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 1
-    rm0, rv0 = rm.clone(), rv.clone()
-    ema_update_(rm, rv, None, stats, 0.3)
+    new = ema(rm, rv, stats, 0.3)
     n = 48
-    torch.testing.assert_close(rm, 0.7 * rm0 + 0.3 * x.mean((0, 2)))
-    torch.testing.assert_close(rv, 0.7 * rv0 + 0.3 * x.var((0, 2), unbiased=False) * n / (n - 1))
+    torch.testing.assert_close(new[0], 0.7 * rm + 0.3 * x.mean((0, 2)))
+    torch.testing.assert_close(new[1], 0.7 * rv + 0.3 * x.var((0, 2), unbiased=False) * n / (n - 1))
+
+
+def test_ema_of_one_value_is_undefined_not_an_error():
+    new = ema(torch.zeros(2), torch.ones(2), BatchStats(torch.ones(2), torch.zeros(2), 1), 0.1)
+    assert torch.isfinite(new[0]).all() and torch.isnan(new[1]).all()
+
+
+def _write(targets, values, nbt):
+    return _copy_if_finite_host(targets, values, nbt)
 
 
 def test_cumulative_update_is_exact_and_split_invariant():
@@ -46,8 +81,8 @@ def test_cumulative_update_is_exact_and_split_invariant():
         rm, rv, nbt = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.tensor(0)
         acc = Accumulator.empty(3)
         for chunk in torch.split(data, splits):
-            cumulative_update_(rm, rv, nbt, batch_stats(chunk), acc)
-        assert int(nbt) == len(splits)
+            _write(*new_running_values("cumulative", rm, rv, nbt, batch_stats(chunk), None, acc), nbt)
+        assert int(nbt) == len(splits) and int(acc.batches) == len(splits)
         results.append((rm, rv))
     want_mean = data.mean((0, 2))
     want_var = data.transpose(0, 1).reshape(3, -1).var(1, unbiased=True)
@@ -60,14 +95,159 @@ def test_cumulative_skips_non_finite_batch_and_keeps_accumulator():
     rm, rv, nbt = torch.zeros(2), torch.ones(2), torch.tensor(0)
     acc = Accumulator.empty(2)
     good = torch.randn(8, 2)
-    cumulative_update_(rm, rv, nbt, batch_stats(good), acc)
+    _write(*new_running_values("cumulative", rm, rv, nbt, batch_stats(good), None, acc), nbt)
     bad = torch.randn(8, 2)
     bad[0, 0] = float("nan")
-    assert not bool(cumulative_update_(rm, rv, nbt, batch_stats(bad), acc))
+    assert not _write(*new_running_values("cumulative", rm, rv, nbt, batch_stats(bad), None, acc), nbt)
     assert int(nbt) == 1 and float(acc.count) == 8
     torch.testing.assert_close(rm, good.mean(0))
 
 
-def test_running_mode_needs_running_stats():
-    with pytest.raises(ValueError, match="track_running_stats=False"):
+def test_batch_average_is_the_mean_of_per_batch_statistics():
+    batches = [torch.randn(8, 3, dtype=torch.float64) + i for i in range(4)]
+    avg = BatchAverage.empty(3)
+    for b in batches:
+        _copy_if_finite_host(avg.tensors, torch.cat(avg.merged(batch_stats(b))), None)
+    mean, var = avg.population()
+    torch.testing.assert_close(mean, torch.stack([b.mean(0) for b in batches]).mean(0))
+    torch.testing.assert_close(var, torch.stack([b.var(0) for b in batches]).mean(0))
+    assert int(avg.batches) == 4 and int(avg.count) == 32
+
+
+def test_accumulator_as_one_batch():
+    x = torch.randn(20, 3, dtype=torch.float64)
+    acc = Accumulator.empty(3)
+    for chunk in x.split([6, 14]):
+        _copy_if_finite_host(acc.tensors, torch.cat(acc.merged(batch_stats(chunk))), None)
+    pooled = acc.as_batch()
+    assert pooled.n == 20
+    torch.testing.assert_close(pooled.var, x.var(0, unbiased=False))
+
+
+# -- which statistics normalize, and their gradients ------------------------------------------
+
+
+def test_step_for_batch_rules():
+    step = Step("batch", "ema", 0.1, False)
+    assert step_for_batch(step, torch.randn(0, 3), 1e-5, True, "bn").update == "none"
+    with pytest.raises(ValueError, match=r"^bn: expected more than 1 value per channel"):
+        step_for_batch(step, torch.randn(1, 3), 1e-5, True, "bn")
+    assert step_for_batch(step._replace(fallback=True), torch.randn(1, 3), 1e-5, True, "bn")[:2] == ("running", "none")
+    with pytest.raises(ValueError, match=r"^bn: expected eps > 0"):
+        step_for_batch(step, torch.randn(4, 3), 0.0, True, "bn")
+    assert step_for_batch(Step("running", "none"), torch.randn(4, 3), 0.0, True, "bn").normalize == "running"
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_float64(mode, shape, affine):
+    x, rm, rv, w, b = make_inputs(shape, affine=affine)
+    if mode[0] == "renorm":
+        # r and d are constants in backward by definition (a stop-gradient), so the numerical
+        # Jacobian only agrees where both are clipped: far-off running statistics ensure it.
+        rm, rv = rm + 10.0, rv + 100.0
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def fn(*args):
+        x_, *rest = args
+        w_, b_ = (rest + [None, None])[:2] if affine else (None, None)
+        return ours(x_, rm, rv, w_, b_, mode)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (4, 3, 5, 5)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_reference_autograd_random_upstream(mode, shape, dtype):
+    x, rm, rv, w, b = make_inputs(shape, dtype)
+    y = ours(x, rm, rv, w, b, mode)
+    g = torch.randn_like(y)  # never .sum(): it hides BatchNorm gradient errors
+    got = torch.autograd.grad(y, (x, w, b), g)
+    ref_y = reference_bn(x, rm, rv, w, b, mode[0], rmax=RENORM_LIMITS[0], dmax=RENORM_LIMITS[1])
+    want = torch.autograd.grad(ref_y, (x, w, b), g)
+    torch.testing.assert_close(y, ref_y, **TOL[dtype])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m[0] != "renorm"], ids=str)
+def test_double_backward_matches_reference(mode):
+    """Second-order gradients (e.g. gradient penalties) through every mode, blends included."""
+    x, rm, rv, w, b = make_inputs((4, 3, 2, 2))
+    g = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+
+    def second(fn):
+        y = fn(x, rm, rv, w, b)
+        gx, gw = torch.autograd.grad(y, (x, w), g, create_graph=True)
+        return torch.autograd.grad((gx * gx).sum() + (gw * gw).sum(), (x, w, b), allow_unused=True)
+
+    got = second(lambda *a: ours(*a, mode))
+    want = second(lambda *a: reference_bn(*a, mode[0]))
+    for a, e in zip(got, want):
+        if e is None:
+            assert a is None or torch.equal(a, torch.zeros_like(a))
+        else:
+            torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+def test_the_gradient_test_can_fail(monkeypatch):
+    """Inject a sign error into the backward: the reference comparison must catch it."""
+    from bnctl import autograd as ag
+
+    original = ag._NormalizeWithStats.backward
+
+    def wrong(ctx, grad_out):
+        grads = list(original(ctx, grad_out))
+        grads[3] = -grads[3]
+        return tuple(grads)
+
+    monkeypatch.setattr(ag._NormalizeWithStats, "backward", staticmethod(wrong))
+    with pytest.raises(AssertionError):
+        test_matches_reference_autograd_random_upstream((0.3, "none"), (4, 3, 5, 5), torch.float64)
+
+
+def test_running_forward_equals_torch_eval_bitwise():
+    x, rm, rv, w, b = make_inputs((4, 3, 5, 5), torch.float32)
+    y = ours(x, rm, rv, w, b, ("running", "none"))
+    assert torch.equal(y, torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5))
+
+
+def test_running_statistics_reach_autograd_only_as_copies():
+    """An in-place update of the buffers after a forward never invalidates its graph."""
+    x, rm, rv, w, b = make_inputs((4, 3, 2, 2))
+    for how in ("running", "renorm", 0.4):
+        y = normalize(x, how, rm, rv, w, b, 1e-5)
+        rm.add_(1.0), rv.mul_(2.0)
+        y.backward(torch.randn_like(y))
+    y, _ = normalize_and_observe(x, "batch", rm, rv, w, b, 1e-5, ema_weight=0.1)
+    rm.add_(1.0)
+    y.backward(torch.randn_like(y))
+
+
+def test_observe_batch_with_ema_weight_is_torchs_kernel():
+    x = torch.randn(8, 3, 4, 4)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    ref_rm, ref_rv = rm.clone(), rv.clone()
+    want = torch.nn.functional.batch_norm(x, ref_rm, ref_rv, None, None, True, 0.3, 1e-5)
+    y, new = normalize_and_observe(x, "batch", rm, rv, None, None, 1e-5, ema_weight=0.3)
+    assert torch.equal(y, want) and torch.equal(new, torch.stack([ref_rm, ref_rv]))
+    assert not torch.equal(rm, ref_rm)  # the inputs were only read
+
+
+def test_batch_norm_needs_running_stats_for_running_modes():
+    with pytest.raises(ValueError, match="expected running statistics"):
         batch_norm(torch.randn(4, 3), None, None, mode=Mode("running", "none"))
+
+
+def test_batch_norm_updates_in_place_like_torch():
+    x = torch.randn(8, 3)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    ref_rm, ref_rv = rm.clone(), rv.clone()
+    y = batch_norm(x, rm, rv, mode=Mode("batch", "ema"), momentum=0.1, num_batches_tracked=nbt)
+    want = torch.nn.functional.batch_norm(x, ref_rm, ref_rv, None, None, True, 0.1, 1e-5)
+    assert torch.equal(y, want) and torch.equal(rm, ref_rm) and torch.equal(rv, ref_rv) and int(nbt) == 1
+    x[0, 0] = math.nan
+    batch_norm(x, rm, rv, mode=Mode("batch", "ema"), num_batches_tracked=nbt)
+    assert torch.equal(rm, ref_rm) and int(nbt) == 1

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bnctl
-from conftest import TOL, reference_bn
+from conftest import TOL, BatchNormAct2d, SuperAct2d, reference_bn
 
 CLASSES = {1: (nn.BatchNorm1d, bnctl.BatchNorm1d), 2: (nn.BatchNorm2d, bnctl.BatchNorm2d),
            3: (nn.BatchNorm3d, bnctl.BatchNorm3d)}
@@ -334,3 +334,151 @@ def test_non_finite_running_statistics_block_updates_loudly():
         assert torch.equal(v, before[k]), k
     bnctl.recalibrate(bn, [torch.randn(8, 3, 2, 2)])  # recalibration repairs them
     assert torch.isfinite(bn.running_var).all()
+
+
+# -- classes: static for torch's, made at run time for other libraries' subclasses ---------
+
+def test_subclass_calling_super_keeps_its_activation():
+    bn = SuperAct2d(3)
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)
+    bnctl.apply(bn, "frozen_stats")
+    y = bn.train()(torch.randn(4, 3, 2, 2))
+    assert (y == 0).all()  # normalized with running mean 5, then ReLU
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_subclass_computing_batchnorm_itself_is_refused_then_registered():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3), nn.BatchNorm2d(3))
+    with pytest.raises(TypeError, match=r"^1: .*BatchNormAct2d overrides forward.*register_subclass"):
+        bnctl.apply(model, "frozen")
+    assert type(model[2]) is nn.BatchNorm2d  # nothing was half-converted
+    handle = bnctl.apply(model, "frozen", exclude="1")
+    handle.remove()
+    bnctl.register_subclass(BatchNormAct2d, lambda layer, y: layer.act(layer.drop(y)))
+    try:
+        bnctl.apply(model, "frozen")
+        with torch.no_grad():
+            model[1].running_mean.fill_(100.0)
+        y = model[1].train()(torch.randn(4, 3, 2, 2))
+        assert (y == 0).all() and int(model[1].num_batches_tracked) == 0
+    finally:
+        bnctl.unregister_subclass(BatchNormAct2d)
+
+
+def test_sync_batchnorm_on_cpu_and_lazy_batchnorm():
+    sync = nn.SyncBatchNorm(3)
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(sync.state_dict())
+    bnctl.apply(sync, "torch")
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.equal(sync.train()(x), ref.train()(x))
+    bnctl.apply(sync, "frozen")
+    sync(x)
+    assert torch.equal(sync.num_batches_tracked, ref.num_batches_tracked)
+
+    lazy = nn.LazyBatchNorm2d()
+    with pytest.raises(ValueError, match="materialized"):
+        bnctl.apply(lazy, "frozen")
+    lazy(x)
+    bnctl.apply(lazy, "frozen")
+    lazy(x)
+    assert int(lazy.num_batches_tracked) == 1
+
+
+def test_real_timm_batchnormact2d_is_refused_or_registered():
+    """Where timm is installed (not in CI): its BatchNormAct2d keeps its activation."""
+    timm_norm = pytest.importorskip("timm.layers.norm_act")
+    layer = timm_norm.BatchNormAct2d(3, act_layer=nn.ReLU)
+    with pytest.raises(TypeError, match="BatchNormAct2d"):
+        bnctl.apply(layer, "frozen")
+    bnctl.register_subclass(timm_norm.BatchNormAct2d, lambda m, y: m.act(m.drop(y)))
+    try:
+        bnctl.apply(layer, "frozen")
+        with torch.no_grad():
+            layer.running_mean.fill_(100.0)
+        assert (layer.train()(torch.randn(4, 3, 2, 2)) == 0).all()
+    finally:
+        bnctl.unregister_subclass(timm_norm.BatchNormAct2d)
+
+
+@pytest.mark.parametrize("cls,ours", [(nn.BatchNorm1d, bnctl.BatchNorm1d), (nn.BatchNorm2d, bnctl.BatchNorm2d),
+                                      (nn.BatchNorm3d, bnctl.BatchNorm3d),
+                                      (nn.SyncBatchNorm, bnctl.modules.SyncBatchNorm)])
+def test_torch_classes_become_importable_bnctl_classes(cls, ours):
+    layer = cls(3)
+    handle = bnctl.apply(layer, "frozen_stats")
+    assert type(layer) is ours and isinstance(layer, cls)
+    handle.remove()
+    assert type(layer) is cls
+
+
+def test_runtime_classes_are_cached_and_named_honestly():
+    a, b = SuperAct2d(3), SuperAct2d(3)
+    bnctl.apply(a, "frozen"), bnctl.apply(b, "torch")
+    assert type(a) is type(b) and type(a).__name__ == "SuperAct2d"
+    assert type(a).__qualname__ != SuperAct2d.__qualname__ and type(a).__module__ == "bnctl.modules"
+
+
+def test_model_with_policies_pickles_whole_and_loads_with_its_policies(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), SuperAct2d(3),
+                          bnctl.BatchNorm2d(3, policy="running_update"), nn.BatchNorm2d(3))
+    bnctl.apply(model, "frozen", include="1")
+    bnctl.apply(model, bnctl.Policy("batch", "none", 0.25, "none"), include="2")
+    x = torch.randn(4, 3, 2, 2)
+    model.train()(x)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert [type(m) for m in loaded] == [type(m) for m in model]
+    assert [getattr(m, "policy", None) for m in loaded] == [getattr(m, "policy", None) for m in model]
+    assert loaded[1].weight.requires_grad is False
+    for training in (True, False):
+        a, b = copy.deepcopy(model).train(training), copy.deepcopy(loaded).train(training)
+        assert torch.equal(a(x), b(x))
+        assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    bnctl.revert(loaded)
+    assert type(loaded[1]) is nn.BatchNorm2d and type(loaded[2]) is SuperAct2d
+
+
+def test_constructor_refuses_running_policies_without_running_stats():
+    """SPEC 5/6: the constructor refuses what apply refuses (it used to normalize with batch statistics)."""
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        bnctl.BatchNorm2d(4, track_running_stats=False, policy="frozen")
+    bn = bnctl.BatchNorm2d(4, track_running_stats=False, policy="test_time")
+    assert bn.policy.name == "test_time"
+
+
+def test_unregister_subclass():
+    bnctl.register_subclass(BatchNormAct2d, lambda layer, y: y)
+    bnctl.unregister_subclass(BatchNormAct2d)
+    with pytest.raises(TypeError, match="register_subclass"):
+        bnctl.apply(BatchNormAct2d(3), "frozen")
+    with pytest.raises(KeyError):
+        bnctl.unregister_subclass(BatchNormAct2d)
+
+
+def test_renorm_on_an_empty_batch_updates_nothing():
+    bn = pretrained("renorm").train()
+    before = copy.deepcopy(bn.state_dict())
+    y = bn(torch.randn(0, 3, 4, 4))
+    assert y.shape == (0, 3, 4, 4)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_forward_under_inference_mode_leaves_no_inference_tensors_behind():
+    bn = bnctl.BatchNorm2d(3, policy="recalibrate")
+    with torch.inference_mode():
+        bn(torch.randn(4, 3, 2, 2))
+    bn(torch.randn(4, 3, 2, 2))  # updates the accumulator made under inference mode
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_eps_zero_names_the_layer():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, eps=0.0)).train()
+    bnctl.apply(model, "torch")
+    with pytest.raises(ValueError, match=r"^1: expected eps > 0"):
+        model(torch.randn(4, 4))
+    bnctl.apply(model, "frozen")
+    model(torch.randn(4, 4))  # running statistics: eps=0 is PyTorch's business, as in eval()

@@ -7,19 +7,7 @@ import torch
 from torch import nn
 
 import bnctl
-
-
-def make_model():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
-    )
-
-
-def data(n=48, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 2, 5, 5, generator=g) * 3 + 2
+from conftest import BatchNormAct2d, KeywordModel, block_imports, data, make_model
 
 
 def test_first_layer_exact_and_split_invariant():
@@ -82,15 +70,7 @@ def test_unreached_layers_and_too_few_batches():
 
 
 def test_num_batches_and_dict_batches():
-    class Kw(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm1d(3)
-
-        def forward(self, inputs):
-            return self.bn(inputs)
-
-    model = Kw()
+    model = KeywordModel()
     bnctl.recalibrate(model, [{"inputs": torch.randn(4, 3)} for _ in range(5)], num_batches=2)
     assert int(model.bn.num_batches_tracked) == 2
     with pytest.raises(TypeError, match="forward="):
@@ -117,8 +97,6 @@ def test_per_batch_estimator_is_update_bn_and_underestimates_variance():
 
 
 def test_progress_true_without_tqdm_warns_and_continues(monkeypatch):
-    from conftest import block_imports
-
     block_imports(monkeypatch, "tqdm")
     model = make_model().eval()
     with pytest.warns(UserWarning, match="tqdm"):
@@ -131,3 +109,79 @@ def test_recalibrate_builds_no_graph():
     seen = []
     bnctl.recalibrate(model, [data(8)], forward=lambda m, b: seen.append(m(b).requires_grad))
     assert seen == [False]
+
+
+# -- no values, no change ---------------------------------------------------------------------
+
+
+def tracked(n=3, batches=7):
+    bn = nn.BatchNorm1d(n)
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.num_batches_tracked.fill_(batches)
+    return bn
+
+
+def assert_unchanged(bn, batches=7):
+    assert int(bn.num_batches_tracked) == batches and torch.equal(bn.running_mean, torch.full((3,), 0.5))
+
+
+def test_empty_batches_change_nothing_and_are_not_reported_as_recalibrated():
+    bn = tracked()
+    with pytest.raises(ValueError, match="only empty batches"):
+        bnctl.recalibrate(bn, [torch.randn(0, 3)])
+    assert_unchanged(bn)
+    with pytest.warns(UserWarning, match="only empty batches"):
+        assert bnctl.recalibrate(bn, [torch.randn(0, 3)] * 2, strict=False) == []
+    assert_unchanged(bn)
+
+
+def test_an_empty_loader_is_named_as_the_cause():
+    bn = tracked()
+    with pytest.raises(ValueError, match="empty data iterable"):
+        bnctl.recalibrate(bn, [])
+    with pytest.warns(UserWarning, match="empty data iterable"):
+        assert bnctl.recalibrate(bn, [], strict=False) == []
+    assert_unchanged(bn)
+
+
+def test_unreached_layers_keep_their_statistics_with_strict_false():
+    model = nn.ModuleDict({"used": tracked(), "unused": tracked()})
+    with pytest.warns(UserWarning, match="never reached"):
+        done = bnctl.recalibrate(model, [torch.randn(4, 3)], forward=lambda m, b: m["used"](b), strict=False)
+    assert done == ["used"] and int(model["used"].num_batches_tracked) == 1
+    assert_unchanged(model["unused"])
+
+
+def test_layers_with_tracking_switched_off_are_skipped_with_a_warning():
+    model = nn.Sequential(tracked(), tracked())
+    model[1].track_running_stats = False
+    with pytest.warns(UserWarning, match=r"track_running_stats is False: \['1'\]"):
+        assert bnctl.recalibrate(model, [torch.randn(4, 3)]) == ["0"]
+    assert_unchanged(model[1])
+
+
+def test_selected_layers_only_in_a_model_in_train():
+    """'Nothing else changes': the other layers do not update their EMA during the pass."""
+    model = nn.Sequential(tracked(), tracked()).train()
+    assert bnctl.recalibrate(model, [torch.randn(8, 3) + 5], layers="1") == ["1"]
+    assert_unchanged(model[0])
+    assert int(model[1].num_batches_tracked) == 1
+    assert type(model[0]) is nn.BatchNorm1d and model.training
+
+
+def test_uninitialized_lazy_layer_is_named_before_anything_runs():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.LazyBatchNorm2d())
+    calls = []
+    with pytest.raises(ValueError, match=r"^1: expected a materialized layer"):
+        bnctl.recalibrate(model, [data(4)], forward=lambda m, b: calls.append(m(b)))
+    assert calls == []
+
+
+def test_layers_bnctl_cannot_control_can_be_excluded_and_stay_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3), nn.BatchNorm2d(3)).train()
+    before = model[1].running_mean.clone()
+    with pytest.raises(TypeError, match=r"^1: .*exclude="):
+        bnctl.recalibrate(model, [torch.randn(4, 3, 2, 2)])
+    assert bnctl.recalibrate(model, [torch.randn(4, 3, 2, 2) + 3], exclude="1") == ["2"]
+    assert torch.equal(model[1].running_mean, before) and int(model[1].num_batches_tracked) == 0

@@ -2,10 +2,12 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 import bnctl
+from conftest import BatchNormAct2d, KeywordModel
 
 
 def trained():
@@ -76,3 +78,31 @@ def test_skipped_updates_are_reported():
     r = bnctl.report(bn)
     assert r.layers[0].skipped_updates == 1
     assert any("1 running update(s) skipped" in w for w in r.warnings)
+
+
+def test_a_model_without_batchnorm():
+    r = bnctl.report(nn.Sequential(nn.Linear(2, 2)))
+    assert r.layers == [] and str(r) == "no BatchNorm layers"
+
+
+def test_dict_batches_and_forward_like_recalibrate():
+    assert bnctl.report(KeywordModel(), {"inputs": torch.randn(8, 3) + 4}).layers[0].mean_shift > 1
+    r = bnctl.report(KeywordModel(), ("ignored", torch.randn(8, 3)), forward=lambda m, b: m(b[1]))
+    assert r.layers[0].mean_shift is not None
+
+
+def test_with_batch_changes_nothing_in_layers_bnctl_cannot_control():
+    model = nn.Sequential(BatchNormAct2d(3), nn.BatchNorm2d(3)).train()
+    before = copy.deepcopy(model.state_dict())
+    r = bnctl.report(model, torch.randn(4, 3, 2, 2) + 3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert r.layers[0].mean_shift > 1 and type(model[1]) is nn.BatchNorm2d
+
+
+def test_uninitialized_lazy_layers():
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.LazyBatchNorm2d())
+    r = bnctl.report(model)
+    assert "uninitialized lazy layer" in r.warnings[0] and r.layers[0].train == "-"
+    with pytest.raises(ValueError, match=r"^1: expected a materialized layer"):
+        bnctl.report(model, torch.randn(2, 1, 2, 2))

@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
-from test_recalibrate import data, make_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import bnctl
+from conftest import BatchNormAct2d, data, make_model
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -97,3 +97,117 @@ def test_snapshot_restore_by_name():
     assert int(model[1].num_batches_tracked) == 0
     with pytest.raises(ValueError, match="missing"):
         bnctl.restore(nn.Sequential(nn.BatchNorm1d(3)), saved)
+
+
+# -- checkpoint recomputation sees exactly what the first forward saw ----------------------
+
+CHECKPOINT_POLICIES = {
+    "torch": "torch",
+    "running_update": "running_update",
+    "renorm after warm-up": bnctl.Policy("renorm", "ema", renorm_warmup=(0, 0), rmax=1.5, dmax=0.5),
+    "blend with ema": bnctl.Policy(0.5, "ema"),
+    "cumulative": bnctl.Policy("batch", "cumulative"),
+}
+
+
+@pytest.mark.parametrize("policy", list(CHECKPOINT_POLICIES.values()), ids=list(CHECKPOINT_POLICIES))
+def test_checkpoint_recompute_is_exact_for_every_update(policy):
+    """The recomputation normalizes with the statistics of the first forward, not the updated ones."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    block = block.double().train()
+    with torch.no_grad():
+        for bn in (block[1], block[4]):
+            bn.running_mean.uniform_(-2, 2)
+            bn.running_var.uniform_(0.2, 3)
+    bnctl.apply(block, policy)
+    plain = copy.deepcopy(block)
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(8, 4, dtype=torch.float64)
+    for _ in range(2):  # the second step normalizes with statistics the first one updated
+        xp = x.detach().clone().requires_grad_()
+        plain(xp).backward(g)
+        xc = x.detach().clone().requires_grad_()
+        checkpoint(block, xc, use_reentrant=False, context_fn=bnctl.checkpoint_context(block)).backward(g)
+        torch.testing.assert_close(xc.grad, xp.grad, rtol=1e-12, atol=1e-12)
+        for (name, p), q in zip(block.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+        for (name, a), b in zip(block.state_dict().items(), plain.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_checkpoint_context_checks_layers_up_front_and_accepts_exclude():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3), nn.BatchNorm2d(3)).train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"^1: .*exclude="):
+        bnctl.checkpoint_context(model)  # before any forward updated anything
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    fn = bnctl.checkpoint_context(model, exclude="1")
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    checkpoint(model, x, use_reentrant=False, context_fn=fn).backward(torch.randn(4, 3, 2, 2))
+    assert int(model[2].num_batches_tracked) == 1
+
+
+# -- accumulate: per domain, scopes compose --------------------------------------------------
+
+
+def test_accumulate_pools_per_domain():
+    bn = nn.BatchNorm1d(3).train()
+    bnctl.add_domains(bn, "tgt")
+    src, tgt = torch.randn(16, 3), torch.randn(16, 3) * 3 + 10
+    with bnctl.accumulate(bn):
+        bn(src[:8])
+        with bnctl.domain(bn, "tgt"):
+            bn(tgt[:8]), bn(tgt[8:])
+        bn(src[8:])
+    ref_src, ref_tgt = nn.BatchNorm1d(3).train(), nn.BatchNorm1d(3).train()
+    ref_src(src), ref_tgt(tgt)
+    torch.testing.assert_close(bn.running_mean, ref_src.running_mean)
+    torch.testing.assert_close(bn.running_var__tgt, ref_tgt.running_var)
+    assert int(bn.num_batches_tracked) == 1 and int(bn.num_batches_tracked__tgt) == 1
+
+
+def test_nested_accumulate_is_refused_up_front_and_the_outer_block_still_commits():
+    bn = nn.BatchNorm1d(3).train()
+    x = torch.randn(8, 3)
+    with bnctl.accumulate(bn):
+        bn(x)
+        with pytest.raises(RuntimeError, match="enclosing bnctl.accumulate"):
+            with bnctl.accumulate(bn):
+                pass
+    ref = nn.BatchNorm1d(3).train()
+    ref(x)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    assert type(bn) is nn.BatchNorm1d
+
+
+def test_policy_applied_inside_accumulate_pools_too():
+    bn = nn.BatchNorm1d(3).train()
+    x = torch.randn(16, 3)
+    with bnctl.accumulate(bn):
+        with bnctl.using(bn, "running_update"):
+            bn(x[:8])
+            assert int(bn.num_batches_tracked) == 0  # pooled, not written
+            bn(x[8:])
+    assert int(bn.num_batches_tracked) == 1
+    ref = nn.BatchNorm1d(3).train()
+    ref(x)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert type(bn) is nn.BatchNorm1d
+
+
+def test_accumulate_and_no_update_accept_exclude_for_layers_bnctl_cannot_control():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3), nn.BatchNorm2d(3)).train()
+    for scope in (bnctl.accumulate, bnctl.no_update):
+        with pytest.raises(TypeError, match=r"^1: .*exclude="):
+            with scope(model):
+                pass
+        with scope(model, exclude="1"):
+            model(torch.randn(4, 3, 2, 2))
+
+
+def test_snapshot_of_uninitialized_lazy_layer_names_it():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"^1: expected a materialized layer"):
+        bnctl.snapshot(model)

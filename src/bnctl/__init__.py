@@ -9,7 +9,7 @@ from .adapt import TestTimeHandle, prepare_test_time
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
 from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
 from .functional import Accumulator, batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass, unregister_subclass
 from .policy import (
     PRESETS,
     Mode,
@@ -60,5 +60,6 @@ __all__ = [
     "restore",
     "revert",
     "snapshot",
+    "unregister_subclass",
     "using",
 ]

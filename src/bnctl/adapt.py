@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .apply import PolicyHandle, Selector, apply
+from .apply import PolicyHandle, Selector, apply, batchnorm_layers
 from .policy import PRESETS, Policy
 
 __all__ = ["TestTimeHandle", "prepare_test_time"]
@@ -29,13 +29,11 @@ class TestTimeHandle:
 
     def __init__(
         self,
-        model: nn.Module,
         policy_handle: PolicyHandle,
         training: dict[nn.Module, bool],
         requires_grad: dict[nn.Parameter, bool],
         params: list[nn.Parameter],
     ) -> None:
-        self._model = model
         self._policy_handle = policy_handle
         self._training = training
         self._requires_grad = requires_grad
@@ -113,10 +111,7 @@ def prepare_test_time(
         raise
     model.eval()
     params = [
-        p
-        for module in model.modules()
-        if "_bnctl" in module.__dict__
-        for p in module.parameters(recurse=False)
+        p for _, layer in batchnorm_layers(model, include, exclude) for p in layer.parameters(recurse=False)
         if p.requires_grad
     ]
-    return TestTimeHandle(model, handle, training, requires_grad, params)
+    return TestTimeHandle(handle, training, requires_grad, params)

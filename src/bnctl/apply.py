@@ -16,10 +16,19 @@ from typing import Any, Callable, Union
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.lazy import LazyModuleMixin
 
-from .modules import LayerState, layer_policy, policy_class, set_policy
-from .policy import TORCH, Policy, get_policy, replace
+from .modules import (
+    check_controllable,
+    check_policy,
+    control,
+    display_name,
+    layer_state,
+    release,
+    revert_layer,
+    set_learn_affine,
+)
+from .policy import Policy, get_policy
+from .state import LayerState, domains, never_updated
 
 __all__ = [
     "PolicyHandle",
@@ -29,6 +38,10 @@ __all__ = [
     "no_update",
     "param_groups",
     "batchnorm_layers",
+    "apply_to",
+    "hold",
+    "no_update_layers",
+    "using_layers",
 ]
 
 Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
@@ -48,10 +61,6 @@ def _matcher(selector: Selector, what: str) -> Callable[[str, nn.Module], bool] 
             f"(name, module) -> bool, got {selector!r}."
         )
     return lambda name, _module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _display_name(name: str, module: nn.Module) -> str:
-    return name or type(module).__name__
 
 
 def batchnorm_layers(
@@ -80,83 +89,67 @@ def batchnorm_layers(
     ]
 
 
-_TORCH_MODES = (TORCH.mode(True), TORCH.mode(False))
+@contextmanager
+def hold(layers: list[tuple[str, _BatchNorm]]) -> Iterator[list[LayerState]]:
+    """Keep ``layers`` under bnctl's control for a block; those it took over go back after.
 
-
-def _check_layer(name: str, layer: _BatchNorm, policy: Policy) -> None:
-    """Raise before anything changes if ``policy`` cannot run on ``layer``."""
-    if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
-        raise ValueError(
-            f"{name}: expected a materialized layer, got an uninitialized "
-            f"{type(layer).__name__}. Run one forward pass (or call the model on a dummy "
-            "batch) before applying a bnctl policy."
-        )
-    policy_class(type(layer), name)  # raises for subclasses it cannot handle
-    # Without running statistics a layer always normalizes with the batch and updates
-    # nothing (PyTorch's own rule); refuse policies that would silently mean otherwise.
-    needs_stats = (
-        policy.train_normalize != "batch"
-        or policy.eval_normalize not in ("batch", "running")
-        or (policy.updates and (policy.mode(True), policy.mode(False)) != _TORCH_MODES)
-    )
-    if layer.running_mean is None and needs_stats:
-        raise ValueError(
-            f"{name}: policy {policy.name or 'custom'!r} needs running statistics, but the "
-            "layer has none (built with track_running_stats=False). Exclude it, or use a "
-            "policy that normalizes with batch statistics and updates nothing (e.g. "
-            "'test_time')."
-        )
-
-
-def _never_updated(layer: _BatchNorm) -> bool:
-    if layer.running_mean is None or layer.num_batches_tracked is None:
-        return False
-    return (
-        int(layer.num_batches_tracked) == 0
-        and bool((layer.running_mean == 0).all())
-        and bool((layer.running_var == 1).all())
-    )
+    Checks every layer before changing any (an uninitialized lazy layer or a
+    subclass bnctl cannot control raises, naming it). Yields their states,
+    for the block to set its scope on.
+    """
+    for name, layer in layers:
+        check_controllable(display_name(name, layer), layer)
+    states: list[LayerState] = []
+    try:
+        for name, layer in layers:
+            state = control(layer, name)
+            state.holds += 1
+            states.append(state)
+        yield states
+    finally:
+        for (_, layer), state in zip(layers, states):
+            state.holds -= 1
+            release(layer)
 
 
 class PolicyHandle:
     """Undo for :func:`apply`. ``remove()`` restores exactly what was there.
 
-    Restores each layer's class, policy state and the ``requires_grad`` flags
-    of its parameters (not ``.grad`` values that freezing cleared). Handles
+    Restores each layer's policy (the one under it, or plain torch), its
+    class and the ``requires_grad`` flags of its parameters (not ``.grad``
+    values that freezing cleared). Scopes (``no_update``, ``accumulate``,
+    domains) are not policies: they hold across ``apply``/``remove``. Handles
     on the same layers must be removed in reverse order of application; a
     handle removed out of order raises instead of corrupting state. Also a
     context manager: ``with bnctl.apply(...):`` removes on exit.
     """
 
     def __init__(self) -> None:
-        self._saved: list[tuple[_BatchNorm, type, LayerState | None, LayerState, tuple]] = []
+        self._applied: list[tuple[_BatchNorm, LayerState, object, dict[str, bool]]] = []
         self.layers: list[str] = []
 
-    def _set(self, layer: _BatchNorm, policy: Policy, name: str) -> None:
-        cls, previous = type(layer), getattr(layer, "_bnctl", None)
-        flags = tuple(p.requires_grad for p in layer.parameters(recurse=False))
-        state = set_policy(layer, policy, name)
-        self._saved.append((layer, cls, previous, state, flags))
-        self.layers.append(name)
+    def _push(self, name: str, layer: _BatchNorm, policy: Policy) -> None:
+        flags = {k: p.requires_grad for k, p in layer.named_parameters(recurse=False)}
+        state = control(layer, name)
+        token = object()
+        state.push(token, policy)
+        self._applied.append((layer, state, token, flags))
+        self.layers.append(display_name(name, layer))
+        set_learn_affine(layer, policy.learn_affine)
 
     def remove(self) -> None:
         """Restore every layer this handle changed (idempotent)."""
-        for layer, _cls, _prev, installed, _flags in self._saved:
-            if getattr(layer, "_bnctl", None) is not installed:
-                raise RuntimeError(
-                    f"{installed.name}: expected the policy this handle applied, found another "
-                    "one. Remove handles in reverse order of application (or use bnctl.using "
-                    "as a context manager)."
-                )
-        while self._saved:
-            layer, cls, prev, _installed, flags = self._saved.pop()
-            layer.__class__ = cls
-            if prev is None:
-                del layer._bnctl
-            else:
-                layer._bnctl = prev
-            for param, flag in zip(layer.parameters(recurse=False), flags):
-                param.requires_grad_(flag)
+        live = [entry for entry in self._applied if layer_state(entry[0]) is entry[1]]
+        for _layer, state, token, _flags in live:  # refuse before changing anything
+            state.require_top(token)
+        for layer, state, token, flags in reversed(live):
+            state.pop(token)
+            params = dict(layer.named_parameters(recurse=False))
+            for key, flag in flags.items():
+                if key in params:
+                    params[key].requires_grad_(flag)
+            release(layer)
+        self._applied = []
         self.layers = []
 
     def __enter__(self) -> PolicyHandle:
@@ -167,31 +160,6 @@ class PolicyHandle:
 
     def __repr__(self) -> str:
         return f"PolicyHandle({len(self.layers)} layers)"
-
-
-def _apply(
-    targets: list[tuple[str, _BatchNorm]], policy_for: Callable[[_BatchNorm], Policy]
-) -> PolicyHandle:
-    """Check every target first, then set each policy; all or nothing."""
-    policies = []
-    for name, layer in targets:
-        policy = policy_for(layer)
-        _check_layer(_display_name(name, layer), layer, policy)
-        policies.append(policy)
-    handle = PolicyHandle()
-    try:
-        for (name, layer), policy in zip(targets, policies):
-            handle._set(layer, policy, _display_name(name, layer))
-    except BaseException:
-        handle.remove()  # never leave a model half-converted
-        raise
-    return handle
-
-
-def _controlled(targets: list[tuple[str, _BatchNorm]]) -> PolicyHandle:
-    """Give the plain layers among ``targets`` the ``torch`` policy (bit-identical), so bnctl
-    controls their forward; the handle turns them back."""
-    return _apply([(n, m) for n, m in targets if "_bnctl" not in m.__dict__], lambda _m: TORCH)
 
 
 def apply(
@@ -239,15 +207,15 @@ def apply(
     resolved = get_policy(policy)
     targets = batchnorm_layers(model, include, exclude)
     if not targets:
-        found = [n or type(m).__name__ for n, m in batchnorm_layers(model)]
+        found = [display_name(n, m) for n, m in batchnorm_layers(model)]
         raise ValueError(
             f"expected at least one BatchNorm layer to apply {resolved.name or 'the policy'!r} "
             f"to, got none (include={include!r}, exclude={exclude!r}). BatchNorm layers in the "
             f"model: {found or 'none'}."
         )
-    handle = _apply(targets, lambda _layer: resolved)
+    handle = apply_to(targets, resolved)
     if resolved.reads_running_stats and not resolved.updates:
-        stale = [n for n, layer in zip(handle.layers, (t for _, t in targets)) if _never_updated(layer)]
+        stale = [display_name(n, m) for n, m in targets if never_updated(*_stats(m))]
         if stale:
             warnings.warn(
                 f"policy {resolved.name or 'custom'!r} normalizes with running statistics that "
@@ -259,6 +227,47 @@ def apply(
                 stacklevel=2,
             )
     return handle
+
+
+def _stats(layer: _BatchNorm) -> tuple[Any, Any, Any]:
+    return layer.running_mean, layer.running_var, layer.num_batches_tracked
+
+
+def apply_to(layers: list[tuple[str, _BatchNorm]], policy: Policy) -> PolicyHandle:
+    """:func:`apply` on a list of ``(name, layer)``: every layer checked first, then all or nothing."""
+    for name, layer in layers:
+        check_policy(display_name(name, layer), layer, policy)
+    handle = PolicyHandle()
+    try:
+        for name, layer in layers:
+            handle._push(name, layer, policy)
+    except BaseException:
+        handle.remove()  # never leave a model half-converted
+        raise
+    return handle
+
+
+@contextmanager
+def using_layers(layers: list[tuple[str, _BatchNorm]], policy: Policy) -> Iterator[PolicyHandle]:
+    """:func:`using` on a list of ``(name, layer)``."""
+    handle = apply_to(layers, policy)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def no_update_layers(layers: list[tuple[str, _BatchNorm]]) -> Iterator[None]:
+    """:func:`no_update` on a list of ``(name, layer)``."""
+    with hold(layers) as states:
+        for state in states:
+            state.no_update += 1
+        try:
+            yield
+        finally:
+            for state in states:
+                state.no_update -= 1
 
 
 @contextmanager
@@ -274,21 +283,23 @@ def using(
         >>> int(bn.num_batches_tracked), type(bn) is torch.nn.BatchNorm1d
         (0, True)
     """
-    handle = apply(model, policy, include, exclude)
-    try:
+    with apply(model, policy, include, exclude) as handle:
         yield handle
-    finally:
-        handle.remove()
 
 
 @contextmanager
-def no_update(model: nn.Module) -> Iterator[None]:
+def no_update(model: nn.Module, include: Selector = None, exclude: Selector = None) -> Iterator[None]:
     """Context manager: normalization unchanged, no running statistic updated.
 
-    Every BatchNorm layer keeps what it normalizes with (under its current
-    policy and ``training`` flag), but nothing is written to its buffers.
-    For adversarial attacks, extra loss passes, or gradient-checkpoint
-    recomputation. Restores on exit, also on error.
+    Every selected BatchNorm layer keeps what it normalizes with (under its
+    current policy and ``training`` flag), but nothing is written to its
+    buffers, also when a policy is applied inside the block. For adversarial
+    attacks, extra loss passes, or evaluation passes in train(). Blocks nest;
+    each restores on exit, also on error.
+
+    Args:
+        model: a model, or a single BatchNorm layer.
+        include, exclude: which layers (as in :func:`apply`; default all).
 
     Example:
         >>> bn = torch.nn.BatchNorm1d(3).train()
@@ -297,14 +308,8 @@ def no_update(model: nn.Module) -> Iterator[None]:
         >>> int(bn.num_batches_tracked)
         0
     """
-    def frozen_updates(layer: _BatchNorm) -> Policy:
-        return replace(layer_policy(layer), train_update="none", eval_update="none", learn_affine=None)
-
-    handle = _apply(batchnorm_layers(model), frozen_updates)
-    try:
+    with no_update_layers(batchnorm_layers(model, include, exclude)):
         yield
-    finally:
-        handle.remove()
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -312,8 +317,9 @@ def revert(model: nn.Module) -> nn.Module:
 
     Each layer gets back the class it had before bnctl (``bnctl.BatchNorm2d``
     becomes ``torch.nn.BatchNorm2d``) and the ``requires_grad`` flags its
-    parameters had then; Parameters and buffers keep their values. Use it
-    before pickling a whole model or exporting.
+    parameters had then; Parameters and buffers keep their values. Handles
+    still open on it have nothing left to undo. Use it before handing the
+    model to a tool that checks exact classes.
 
     Returns:
         ``model``, for chaining.
@@ -322,7 +328,7 @@ def revert(model: nn.Module) -> nn.Module:
         ValueError: if a layer has extra domains (see :func:`bnctl.export_domain`).
     """
     layers = batchnorm_layers(model)
-    with_domains = [n or type(m).__name__ for n, m in layers if "_bnctl_domain_hook" in m.__dict__]
+    with_domains = [display_name(n, m) for n, m in layers if len(domains(m)) > 1]
     if with_domains:
         raise ValueError(
             f"{with_domains[0]}: expected a layer without extra domains, got one with domains "
@@ -330,14 +336,7 @@ def revert(model: nn.Module) -> nn.Module:
             "name) for a plain model of one domain, or bnctl.remove_domains(model) first."
         )
     for _name, layer in layers:
-        state: LayerState | None = getattr(layer, "_bnctl", None)
-        if state is None:
-            continue
-        layer.__class__ = state.origin
-        del layer._bnctl
-        if state.requires_grad is not None:
-            layer.weight.requires_grad_(state.requires_grad[0])
-            layer.bias.requires_grad_(state.requires_grad[1])
+        revert_layer(layer)
     return model
 
 

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-__all__ = ["normalize_with_stats"]
+__all__ = ["normalize_with_stats", "reduce_dims"]
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -29,7 +28,8 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def _reduce_dims(ndim: int) -> list[int]:
+def reduce_dims(ndim: int) -> list[int]:
+    """The dimensions a channel's statistics reduce over: all but dim 1."""
     return [0, *range(2, ndim)]
 
 
@@ -56,18 +56,19 @@ class _NormalizeWithStats(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, mean, var, weight, _bias, eps = inputs
-        invstd = torch.rsqrt(var.detach() + eps)
-        # Save copies of the statistics, never the buffers themselves: a policy
-        # may update the running buffers in place right after this forward.
-        ctx.save_for_backward(x, mean.detach().clone(), invstd, weight)
+        ctx.eps = eps
+        # The inputs themselves, so that double backward can differentiate through them.
+        ctx.save_for_backward(x, mean, var, weight)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, mean, invstd, weight = ctx.saved_tensors
+        # Written with differentiable torch ops: under create_graph=True autograd
+        # differentiates this backward too (double backward).
+        x, mean, var, weight = ctx.saved_tensors
         need_x, need_mean, need_var, need_w, need_b, _ = ctx.needs_input_grad
         ndim = grad_out.dim()
-        dims = _reduce_dims(ndim)
+        dims = reduce_dims(ndim)
+        invstd = torch.rsqrt(var + ctx.eps)
         scale = invstd if weight is None else invstd * weight
         grad_x = grad_mean = grad_var = grad_w = grad_b = None
         if need_x:
@@ -103,9 +104,10 @@ def normalize_with_stats(
 
     .. math:: y = \\frac{x - \\mathrm{mean}}{\\sqrt{\\mathrm{var} + \\epsilon}} \\cdot w + b
 
-    Gradients flow to every tensor argument that requires them. The
-    statistics are copied for backward, so the caller may update the tensors
-    passed as ``mean``/``var`` in place after this call.
+    Gradients flow to every tensor argument that requires them, to any
+    order (the backward is itself differentiable). The arguments are saved
+    for backward as they are: modifying them in place before backward makes
+    autograd raise, as for any torch op.
 
     Args:
         x: input of shape ``(N, C, *)``.

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import json
 import statistics
-import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,7 +43,7 @@ from .adapt import prepare_test_time
 from .apply import apply, no_update
 from .domains import add_domains, domain
 from .policy import Policy, get_policy
-from .recalibrate import recalibrate
+from .recalibrate import progress_bar, recalibrate
 
 __all__ = ["load_digits", "measure_setting", "run", "SHIFTS"]
 
@@ -327,16 +327,6 @@ def part_b_seed(x: Tensor, y: Tensor, seed: int, cfg: Config,
     return results
 
 
-def _progress(total: int, enabled: bool | None) -> Any:
-    if enabled is False or (enabled is None and not sys.stderr.isatty()):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="bnctl demo", leave=False)
-
-
 def run(
     out_dir: str | Path | None = "bnctl-out",
     *,
@@ -351,11 +341,17 @@ def run(
         Everything measured: ``{"config", "part_a", "part_b", "summary", "files", "seconds"}``.
         ``part_b[target][method]`` holds per-seed ``target``/``source`` accuracies;
         ``summary`` their means and standard deviations.
+
+    Raises:
+        OSError: ``out_dir`` cannot be created or written (checked before anything runs).
+        ImportError: scikit-learn is missing.
     """
     cfg = config or (Config.quick() if quick else Config())
+    if out_dir is not None:
+        _check_writable(Path(out_dir))
     start = time.perf_counter()
     x, y = load_digits()
-    bar = _progress(1 + cfg.seeds * len(SHIFTS), progress)
+    bar = progress_bar(1 + cfg.seeds * len(SHIFTS), "bnctl demo", progress)
     tick = (lambda: bar.update(1)) if bar is not None else (lambda: None)
     try:
         rows_a = part_a(x, y, seed, cfg.part_a_epochs)
@@ -394,6 +390,12 @@ def run(
             result["files"]["png"] = plot
         (out / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _check_writable(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+        pass
 
 
 def _std(values: list[float]) -> float:

@@ -10,8 +10,12 @@ State: domain ``d`` adds buffers ``running_mean__d``, ``running_var__d``,
 ``num_batches_tracked__d`` (and Parameters ``weight__d``, ``bias__d`` with
 ``affine=True``) to each layer, so they appear in ``state_dict()`` next to the
 canonical keys. Loading a plain checkpoint (without those keys) initializes
-every domain from the canonical values, so ``strict=True`` loading works.
-:func:`export_domain` gives one domain as a plain torch model.
+every domain from the canonical values, so ``strict=True`` loading works (the
+layer class does it, in ``_load_from_state_dict``). :func:`export_domain`
+gives one domain as a plain torch model.
+
+This module is the user-facing API; the tensors of a domain and the selected
+domain live in each layer's state (:mod:`bnctl.state`).
 """
 
 from __future__ import annotations
@@ -19,26 +23,15 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
-from .apply import Selector, _controlled, batchnorm_layers, revert
-from .modules import _AFFINE, _STATS, DEFAULT, _key, domain_tensors, domains
+from .apply import Selector, batchnorm_layers, revert
+from .modules import control, display_name, layer_state, release
+from .state import AFFINE, DEFAULT, STATS, LayerTensors, domain_key, domains
 
-__all__ = ["DEFAULT", "add_domains", "domain", "domains", "export_domain", "remove_domains"]
-
-def _fill_missing_domains(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_args: Any
-) -> None:
-    """Load-state-dict pre-hook: a checkpoint without domain keys initializes every domain."""
-    for name in domains(module)[1:]:
-        for base in _STATS + _AFFINE:
-            key = prefix + _key(base, name)
-            own = getattr(module, _key(base, name), None)
-            if own is not None and key not in state_dict and prefix + base in state_dict:
-                state_dict[key] = state_dict[prefix + base]
+__all__ = ["DEFAULT", "add_domains", "domain", "domains", "export_domain", "layers_with", "remove_domains"]
 
 
 def _check_name(name: object) -> str:
@@ -52,7 +45,7 @@ def _check_name(name: object) -> str:
 
 def add_domains(
     model: nn.Module,
-    names: Sequence[str],
+    names: str | Sequence[str],
     *,
     affine: bool = False,
     include: Selector = None,
@@ -68,7 +61,7 @@ def add_domains(
 
     Args:
         model: a model or a single BatchNorm layer.
-        names: new domain names (identifiers, not ``"default"``).
+        names: a new domain name, or several (identifiers, not ``"default"``).
         affine: also give each domain its own ``weight`` and ``bias``.
         include, exclude: which layers (as in :func:`bnctl.apply`).
 
@@ -85,7 +78,7 @@ def add_domains(
         >>> sorted(k for k in model.state_dict() if k.startswith("1.running_mean"))
         ['1.running_mean', '1.running_mean__target']
     """
-    names = [_check_name(n) for n in names]
+    names = [_check_name(n) for n in ([names] if isinstance(names, str) else names)]
     targets = [
         (n, m) for n, m in batchnorm_layers(model, include, exclude) if m.running_mean is not None
     ]
@@ -94,38 +87,34 @@ def add_domains(
     for lname, layer in targets:
         clash = sorted(set(names) & set(domains(layer)))
         if clash:
-            raise ValueError(f"{lname or type(layer).__name__}: domain(s) {clash} already exist.")
-    _controlled(targets)  # permanent: domains need bnctl's forward
-    for _lname, layer in targets:
+            raise ValueError(f"{display_name(lname, layer)}: domain(s) {clash} already exist.")
+    for lname, layer in targets:
+        control(layer, lname)  # domains need bnctl's forward; they keep the layer controlled
         for name in names:
-            for base in _STATS:
+            for base in STATS:
                 buf = getattr(layer, base)
                 if buf is not None:
-                    layer.register_buffer(_key(base, name), buf.detach().clone())
+                    layer.register_buffer(domain_key(base, name), buf.detach().clone())
             if affine and layer.affine:
-                for base in _AFFINE:
+                for base in AFFINE:
                     param = getattr(layer, base)
                     copy_ = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-                    layer.register_parameter(_key(base, name), copy_)
-        if not hasattr(layer, "_bnctl_domain_hook"):
-            layer._bnctl_domain_hook = layer._register_load_state_dict_pre_hook(
-                _fill_missing_domains, with_module=True
-            )
-    return [n or type(m).__name__ for n, m in targets]
+                    layer.register_parameter(domain_key(base, name), copy_)
+    return [display_name(n, m) for n, m in targets]
 
 
 def remove_domains(model: nn.Module) -> None:
-    """Delete every extra domain (buffers, Parameters, hook); the default domain stays."""
+    """Delete every extra domain (buffers, Parameters); the default domain stays."""
     for _name, layer in batchnorm_layers(model):
         for name in domains(layer)[1:]:
-            for base in _STATS:
-                layer._buffers.pop(_key(base, name), None)
-            for base in _AFFINE:
-                layer._parameters.pop(_key(base, name), None)
-        hook = layer.__dict__.pop("_bnctl_domain_hook", None)
-        if hook is not None:
-            hook.remove()
-        layer.__dict__.pop("_bnctl_domain", None)
+            for base in STATS:
+                layer._buffers.pop(domain_key(base, name), None)
+            for base in AFFINE:
+                layer._parameters.pop(domain_key(base, name), None)
+        state = layer_state(layer)
+        if state is not None:
+            state.domain = DEFAULT
+            release(layer)
 
 
 @contextlib.contextmanager
@@ -142,42 +131,53 @@ def domain(model: nn.Module, name: str) -> Iterator[None]:
 
     Example:
         >>> bn = torch.nn.BatchNorm1d(3)
-        >>> _ = add_domains(bn, ["target"])
+        >>> _ = add_domains(bn, "target")
         >>> with domain(bn, "target"):
         ...     _ = bn.train()(torch.randn(8, 3) + 5)
         >>> int(bn.num_batches_tracked), int(bn.num_batches_tracked__target)
         (0, 1)
     """
-    layers = [m for _, m in batchnorm_layers(model) if name == DEFAULT or name in domains(m)]
+    layers = layers_with(model, name)
+    states = [state for state in map(layer_state, layers) if state is not None]
+    previous = [state.domain for state in states]
+    try:
+        for state in states:
+            state.domain = name
+        yield
+    finally:
+        for state, prev in zip(states, previous):
+            state.domain = prev
+
+
+def layers_with(model: nn.Module, name: str) -> list[nn.Module]:
+    """The BatchNorm layers of ``model`` that have domain ``name``; raises if there are none."""
+    layers = [m for _, m in batchnorm_layers(model) if name in domains(m)]
     if not layers:
         known = sorted({d for _, m in batchnorm_layers(model) for d in domains(m)})
         raise ValueError(
             f"expected a domain of the model, got {name!r}. Known domains: {known}. "
             "Add one with bnctl.add_domains(model, [name])."
         )
-    previous = [layer.__dict__.get("_bnctl_domain") for layer in layers]
-    try:
-        for layer in layers:
-            layer.__dict__["_bnctl_domain"] = name
-        yield
-    finally:
-        for layer, prev in zip(layers, previous):
-            layer.__dict__["_bnctl_domain"] = prev
+    return layers
 
 
 def export_domain(model: nn.Module, name: str = DEFAULT) -> nn.Module:
     """A plain torch copy of ``model`` whose BatchNorm layers hold domain ``name``.
 
     The copy has PyTorch's own classes and state-dict keys (no domains, no
-    policies); the original is unchanged.
+    policies); the original is unchanged. Layers without that domain keep
+    their default statistics.
+
+    Raises:
+        ValueError: if no layer of the model has domain ``name``.
     """
+    layers_with(model, name)
     exported = copy.deepcopy(model)
     with torch.no_grad():
         for _name, layer in batchnorm_layers(exported):
-            if name != DEFAULT and name not in domains(layer):
+            if name not in domains(layer):
                 continue
-            src = domain_tensors(layer, name)
-            dst = domain_tensors(layer, DEFAULT)
+            src, dst = LayerTensors.of(layer, name), LayerTensors.of(layer, DEFAULT)
             for target, value in zip(dst, src):
                 if target is not None and value is not None and target is not value:
                     target.copy_(value)

@@ -1,78 +1,51 @@
-"""Drop-in BatchNorm layers that follow a :class:`bnctl.Policy`.
+"""BatchNorm layers that follow a :class:`bnctl.Policy`.
 
-``bnctl.BatchNorm1d/2d/3d`` subclass the torch classes: same constructor
-(plus ``policy=``), same parameters, buffers and state-dict keys. With the
-default ``"torch"`` policy they are bit-identical to PyTorch.
+``bnctl.BatchNorm1d/2d/3d`` (and ``bnctl.modules.SyncBatchNorm``) subclass
+the torch classes: same constructor (plus ``policy=``), same parameters,
+buffers and state-dict keys. With the default ``"torch"`` policy they are
+bit-identical to PyTorch.
 
-:func:`bnctl.apply` gives an existing layer the same behaviour by switching
-its class to a subclass made here (:func:`policy_class`), so the layer keeps
-its identity, Parameters, buffers, hooks and ``isinstance`` checks.
+bnctl takes an existing layer under its control (:func:`control`) by switching
+its class to one of these, so the layer keeps its identity, Parameters,
+buffers, hooks and ``isinstance`` checks, and a model pickles by reference to
+importable classes. Third-party subclasses get a subclass made at run time
+(:func:`policy_class`, cached), which pickles through its origin class.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
-from .functional import Accumulator, Status, batch_norm_with_status, renorm_limits
-from .policy import TORCH, Policy, get_policy, resolve_mode
+from .functional import normalize, normalize_and_observe
+from .policy import TORCH, Plan, Policy, get_policy, make_plan, needs_running_stats
+from .state import AFFINE, STATS, LayerState, domain_key, domains
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
-    "LayerState",
+    "SyncBatchNorm",
+    "check_controllable",
+    "check_materialized",
+    "check_policy",
+    "control",
+    "display_name",
+    "is_uninitialized",
+    "layer_plan",
+    "layer_policy",
+    "layer_state",
     "policy_class",
     "register_subclass",
+    "release",
+    "revert_layer",
+    "set_learn_affine",
+    "unregister_subclass",
 ]
-
-
-@dataclass
-class LayerState:
-    """What bnctl keeps on a layer (as ``layer._bnctl``); none of it is in the state dict.
-
-    ``origin`` is the class the layer had before bnctl touched it, and
-    ``requires_grad`` its parameters' flags then; :func:`bnctl.revert`
-    restores both. ``counts`` is shared by every state the layer has had, so
-    the record of skipped updates survives policy changes.
-    """
-
-    policy: Policy
-    name: str
-    origin: type
-    requires_grad: tuple[bool, bool] | None = None
-    accumulator: Accumulator | None = None
-    counts: UpdateCounts = field(default_factory=lambda: UpdateCounts())
-    pool: Pool | None = None
-
-
-@dataclass
-class UpdateCounts:
-    """Attempted and applied running updates; the difference were skipped (non-finite).
-
-    ``applied`` is an int on the CPU and a tensor on the layer's device
-    elsewhere, so counting never waits for the device.
-    """
-
-    attempts: int = 0
-    applied: int | Tensor = 0
-
-    @property
-    def skipped(self) -> int:
-        return self.attempts - int(self.applied)
-
-
-@dataclass
-class Pool:
-    """Statistics pooled over several forwards by :func:`bnctl.accumulate`, not yet committed."""
-
-    accumulator: Accumulator | None = None
-    update: str | None = None
 
 
 class _PolicyForward(_BatchNorm):
@@ -83,47 +56,16 @@ class _PolicyForward(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         state = self._bnctl
         self._check_input(input, state.name)
-        running_mean, running_var, num_batches_tracked, weight, bias = domain_tensors(
-            self, self.__dict__.get("_bnctl_domain")
+        forward = state.begin(self, input)
+        step, t = forward.step, forward.tensors
+        if step.update == "none":
+            return normalize(input, step.normalize, t.running_mean, t.running_var, t.weight, t.bias, self.eps,
+                             forward.limits)
+        out, observed = normalize_and_observe(
+            input, step.normalize, t.running_mean, t.running_var, t.weight, t.bias, self.eps,
+            limits=forward.limits, ema_weight=forward.ema_weight,
         )
-        mode = resolve_mode(
-            state.policy, self.training, self.track_running_stats, running_mean is not None
-        )
-        momentum = effective_momentum(self)
-        if mode.update == "cumulative" and state.accumulator is None:
-            state.accumulator = Accumulator.empty(self.num_features, input.device)
-        limits: tuple[Any, Any] = (state.policy.rmax, state.policy.dmax)
-        if mode.normalize == "renorm":
-            limits = renorm_limits(
-                state.policy.rmax,
-                state.policy.dmax,
-                state.policy.renorm_warmup,
-                num_batches_tracked,
-            )
-        defer = None
-        if state.pool is not None and mode.update != "none":
-            if state.pool.accumulator is None:
-                state.pool.accumulator = Accumulator.empty(self.num_features, input.device)
-            state.pool.update = mode.update
-            defer = state.pool.accumulator
-        out, ok = batch_norm_with_status(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            mode=mode,
-            momentum=momentum,
-            eps=self.eps,
-            num_batches_tracked=num_batches_tracked,
-            accumulator=state.accumulator,
-            renorm=limits,
-            fallback=state.policy.fallback,
-            defer=defer,
-            layer=state.name,
-        )
-        if ok is not None:
-            count_skip(state, ok)
+        state.commit(self, forward, observed)
         return out
 
     def _check_input(self, input: Tensor, name: str) -> None:
@@ -142,6 +84,22 @@ class _PolicyForward(_BatchNorm):
                 "channels-first data: (N, C, ...))."
             )
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # A checkpoint without a domain's keys (a plain one) initializes that domain from the
+        # canonical values, so strict loading works; as FrozenBatchNorm2d handles its own keys.
+        for name in domains(self)[1:]:
+            for base in STATS + AFFINE:
+                key = prefix + domain_key(base, name)
+                if key not in state_dict and prefix + base in state_dict and hasattr(self, key[len(prefix):]):
+                    state_dict[key] = state_dict[prefix + base]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        origin = type(self).__dict__.get("_bnctl_origin")
+        if origin is None:  # a static class: pickled by reference, as any module
+            return super().__reduce_ex__(protocol)
+        return (_new_controlled, (origin,), self.__dict__)
+
     @property
     def policy(self) -> Policy:
         """This layer's :class:`bnctl.Policy` (change it with :func:`bnctl.apply`)."""
@@ -153,9 +111,7 @@ class _PolicyForward(_BatchNorm):
         return self._bnctl.counts.skipped
 
     def extra_repr(self) -> str:
-        policy = self._bnctl.policy
-        label = policy.name or "custom"
-        return f"{super().extra_repr()}, policy={label}"
+        return f"{super().extra_repr()}, policy={self._bnctl.policy.name or 'custom'}"
 
 
 def _expected_shape(layer: _BatchNorm) -> str:
@@ -170,76 +126,137 @@ def _expected_shape(layer: _BatchNorm) -> str:
     return "(N, C, ...)"
 
 
+def _check_sync(layer: nn.Module) -> None:
+    step = layer._bnctl.plan(layer)[layer.training]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and step.normalize != "running" and layer.training:
+        raise RuntimeError(
+            f"{layer._bnctl.name}: bnctl policies do not synchronize batch statistics across "
+            "processes yet, and a process group is initialized. Use bnctl.revert(model) to get "
+            "torch's SyncBatchNorm back, or a policy that normalizes with running statistics."
+        )
+
+
+def _sync_forward(self: nn.Module, input: Tensor) -> Tensor:
+    _check_sync(self)
+    return _PolicyForward.forward(self, input)
+
+
+# -- taking layers under control -----------------------------------------------------------
+
+
+def display_name(name: str, layer: nn.Module) -> str:
+    """A layer's qualified name, or its class name for the root of a model (``""``)."""
+    return name or type(layer).__name__
+
+
+def check_policy(name: str, layer: _BatchNorm, policy: Policy) -> None:
+    """Raise, before anything changes, if ``layer`` cannot follow ``policy``."""
+    check_controllable(name, layer)
+    if layer.running_mean is None and needs_running_stats(policy):
+        raise ValueError(
+            f"{name}: policy {policy.name or 'custom'!r} needs running statistics, but the "
+            "layer has none (built with track_running_stats=False). Exclude it, or use a "
+            "policy that normalizes with batch statistics and updates nothing (e.g. "
+            "'test_time')."
+        )
+
+
+def check_controllable(name: str, layer: _BatchNorm) -> None:
+    """Raise, before anything changes, if bnctl cannot control ``layer``'s forward."""
+    check_materialized(name, layer)
+    policy_class(type(layer), name)  # raises for subclasses it cannot handle
+
+
+def is_uninitialized(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a lazy layer that has not seen its first input yet."""
+    return isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params()
+
+
+def check_materialized(name: str, layer: nn.Module) -> None:
+    """Raise, naming the layer, for an uninitialized lazy layer (it has no values yet)."""
+    if is_uninitialized(layer):
+        raise ValueError(
+            f"{name}: expected a materialized layer, got an uninitialized "
+            f"{type(layer).__name__}. Run one forward pass (or call the model on a dummy "
+            "batch) first."
+        )
+
+
+def control(layer: _BatchNorm, name: str = "") -> LayerState:
+    """Take ``layer`` under bnctl's control (class switch and state), or return its state.
+
+    A layer taken over follows the ``torch`` policy (bit-identical to PyTorch)
+    until a policy is applied. ``name`` (a qualified name) labels its errors.
+    """
+    state: LayerState | None = layer.__dict__.get("_bnctl")
+    if state is not None:
+        if name:
+            state.name = name
+        return state
+    cls = policy_class(type(layer), display_name(name, layer))
+    flags = {k: p.requires_grad for k, p in layer.named_parameters(recurse=False)}
+    state = LayerState(display_name(name, layer), type(layer), flags)
+    layer.__class__ = cls
+    layer._bnctl = state
+    return state
+
+
+def layer_state(layer: nn.Module) -> LayerState | None:
+    """The :class:`~bnctl.state.LayerState` of a layer under bnctl's control, else ``None``."""
+    return layer.__dict__.get("_bnctl")
+
+
+def revert_layer(layer: _BatchNorm) -> None:
+    """Turn a bnctl layer back into its original class, with its original ``requires_grad`` flags."""
+    state: LayerState | None = layer.__dict__.pop("_bnctl", None)
+    if state is None:
+        return
+    layer.__class__ = state.origin
+    params = dict(layer.named_parameters(recurse=False))
+    for key, flag in state.requires_grad.items():
+        if key in params:
+            params[key].requires_grad_(flag)
+
+
+def release(layer: _BatchNorm) -> None:
+    """Give a layer bnctl took over its class back once nothing holds it (no policy, scope or domain)."""
+    state: LayerState | None = layer.__dict__.get("_bnctl")
+    if state is None or state.builtin or state.policies or state.holds or len(domains(layer)) > 1:
+        return
+    layer.__class__ = state.origin
+    del layer.__dict__["_bnctl"]
+
+
 def layer_policy(layer: _BatchNorm) -> Policy:
     """The policy a layer follows: its bnctl policy, or ``torch`` for a plain layer."""
-    state = layer.__dict__.get("_bnctl")
+    state: LayerState | None = layer.__dict__.get("_bnctl")
     return TORCH if state is None else state.policy
 
 
-def effective_momentum(layer: _BatchNorm) -> float | None:
-    """The momentum a layer's updates use: the policy's override, else the layer's own."""
-    policy = layer_policy(layer)
-    return layer.momentum if policy.momentum is None else policy.momentum
+def layer_plan(layer: _BatchNorm) -> Plan:
+    """What a layer does in train() and eval(): its :class:`~bnctl.policy.Plan`, plain layers included."""
+    state: LayerState | None = layer.__dict__.get("_bnctl")
+    if state is not None:
+        return state.plan(layer)
+    return make_plan(TORCH, momentum=layer.momentum, track_running_stats=layer.track_running_stats,
+                     has_running_stats=layer.running_mean is not None)
 
 
-def count_skip(state: LayerState, ok: Status) -> None:
-    """Record the outcome of an attempted running update (warn on the CPU when skipped)."""
-    counts = state.counts
-    counts.attempts += 1
-    if isinstance(ok, bool):  # on the CPU: count and warn at once
-        counts.applied += int(ok)
-        if not ok:
-            warnings.warn(
-                f"{state.name}: skipped the running-statistics update of this batch "
-                "(non-finite or undefined batch statistics, or non-finite running statistics); "
-                "running_mean, running_var and num_batches_tracked are unchanged "
-                f"({counts.skipped} skipped so far). Check the input and the "
-                "preceding layers for overflow, and the buffers with bnctl.report(model).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+def set_learn_affine(layer: _BatchNorm, learn: bool | None) -> None:
+    """Set ``requires_grad`` of weight and bias; freezing also drops stale ``.grad``."""
+    if learn is None:
         return
-    # Elsewhere reading the flag would make every forward wait for the device: count on the
-    # device; report() and skipped_updates read the count.
-    if isinstance(counts.applied, int):
-        counts.applied = torch.full((), counts.applied, dtype=torch.long, device=ok.device)
-    counts.applied.add_(ok)
+    for param in layer.parameters(recurse=False):  # per-domain affine included
+        param.requires_grad_(learn)
+        if not learn:
+            param.grad = None
 
 
-# -- domains (see domains.py): which tensors a forward uses -------------------------------
-
-DEFAULT = "default"
-"""The name of the canonical statistics (``running_mean``, ...)."""
-
-_STATS = ("running_mean", "running_var", "num_batches_tracked")
-_AFFINE = ("weight", "bias")
-
-
-def _key(base: str, name: str) -> str:
-    return f"{base}__{name}"
-
-
-def domains(layer: nn.Module) -> list[str]:
-    """The domains of a layer, ``"default"`` first (derived from its buffers)."""
-    suffix = "running_mean__"
-    return [DEFAULT] + [k[len(suffix):] for k in layer._buffers if k.startswith(suffix)]
-
-
-def domain_tensors(layer: _BatchNorm, name: str | None) -> tuple[Any, ...]:
-    """``(running_mean, running_var, num_batches_tracked, weight, bias)`` of a domain."""
-    if name is None or name == DEFAULT:
-        return (layer.running_mean, layer.running_var, layer.num_batches_tracked,
-                layer.weight, layer.bias)
-    stats = tuple(layer._buffers[_key(k, name)] for k in _STATS)
-    affine = tuple(layer._parameters.get(_key(k, name), getattr(layer, k)) for k in _AFFINE)
-    return stats + affine
-
-
-
-# -- classes for existing layers ---------------------------------------------------------
+# -- classes ---------------------------------------------------------------------------------
 
 _ADAPTERS: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {}
-_CLASSES: dict[type, type] = {}
+_RUNTIME: dict[type, type] = {}
 
 
 def register_subclass(cls: type, after: Callable[[nn.Module, Tensor], Tensor]) -> None:
@@ -250,7 +267,7 @@ def register_subclass(cls: type, after: Callable[[nn.Module, Tensor], Tensor]) -
     bnctl cannot change the statistics such a forward uses, so :func:`bnctl.apply`
     refuses these classes unless registered here: bnctl then runs its own
     normalization followed by ``after(layer, y)``, which must do whatever the
-    original forward did after normalizing.
+    original forward did after normalizing. :func:`unregister_subclass` undoes it.
 
     Example:
         >>> class BatchNormReLU(torch.nn.BatchNorm2d):
@@ -259,13 +276,26 @@ def register_subclass(cls: type, after: Callable[[nn.Module, Tensor], Tensor]) -
         ...             x, self.running_mean, self.running_var, self.weight, self.bias,
         ...             self.training, self.momentum, self.eps))
         >>> register_subclass(BatchNormReLU, lambda layer, y: torch.relu(y))
+        >>> unregister_subclass(BatchNormReLU)
     """
     if not (isinstance(cls, type) and issubclass(cls, _BatchNorm)):
         raise TypeError(f"expected a BatchNorm subclass, got {cls!r}.")
     if not callable(after):
         raise TypeError(f"expected a callable after(layer, y), got {after!r}.")
     _ADAPTERS[cls] = after
-    _CLASSES.pop(cls, None)
+    _RUNTIME.pop(cls, None)
+
+
+def unregister_subclass(cls: type) -> None:
+    """Forget a :func:`register_subclass` registration (layers already controlled keep theirs).
+
+    Raises:
+        KeyError: if ``cls`` is not registered.
+    """
+    if cls not in _ADAPTERS:
+        raise KeyError(f"expected a class registered with bnctl.register_subclass, got {cls!r}.")
+    del _ADAPTERS[cls]
+    _RUNTIME.pop(cls, None)
 
 
 def _calls_super_forward(fn: Any) -> bool:
@@ -285,10 +315,12 @@ def _forward_overrides(cls: type) -> list[type]:
 
 
 def policy_class(cls: type, name: str = "layer") -> type:
-    """The class an existing layer of class ``cls`` takes under a bnctl policy.
+    """The class a layer of class ``cls`` takes under bnctl's control.
 
-    A subclass of ``cls`` whose BatchNorm computation follows the layer's
-    policy. Subclasses whose own ``forward`` calls ``super().forward`` keep
+    The torch classes map to bnctl's own (``nn.BatchNorm2d`` to
+    ``bnctl.BatchNorm2d``, ...). A third-party subclass gets a subclass of it
+    whose BatchNorm computation follows the layer's policy, made once and
+    cached: subclasses whose own ``forward`` calls ``super().forward`` keep
     their extra behaviour (bnctl sits below them in the MRO); registered ones
     (:func:`register_subclass`) run their ``after`` step.
 
@@ -298,9 +330,14 @@ def policy_class(cls: type, name: str = "layer") -> type:
     """
     if issubclass(cls, _PolicyForward):
         return cls
-    if cls in _CLASSES:
-        return _CLASSES[cls]
-    attrs: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    found = _STATIC.get(cls) or _RUNTIME.get(cls)
+    if found is not None:
+        return found
+    attrs: dict[str, Any] = {
+        "__module__": __name__,
+        "__qualname__": f"policy_class.<{cls.__module__}.{cls.__qualname__}>",
+        "_bnctl_origin": cls,
+    }
     adapter = next((_ADAPTERS[k] for k in cls.__mro__ if k in _ADAPTERS), None)
     overrides = _forward_overrides(cls)
     if adapter is not None:
@@ -316,8 +353,14 @@ def policy_class(cls: type, name: str = "layer") -> type:
     elif not all(_calls_super_forward(vars(k)["forward"]) for k in overrides):
         raise _refusal(cls, name)
     new = type(cls.__name__, (cls, _PolicyForward), attrs)
-    _CLASSES[cls] = new
+    _RUNTIME[cls] = new
     return new
+
+
+def _new_controlled(origin: type) -> nn.Module:
+    """Unpickling a layer of a class made at run time: an empty instance, its state follows."""
+    cls = policy_class(origin, origin.__name__)
+    return cls.__new__(cls)
 
 
 def _refusal(cls: type, name: str) -> TypeError:
@@ -330,66 +373,21 @@ def _refusal(cls: type, name: str) -> TypeError:
     )
 
 
-def _sync_forward(self: nn.Module, input: Tensor) -> Tensor:
-    mode = resolve_mode(
-        self._bnctl.policy, self.training, self.track_running_stats, self.running_mean is not None
-    )
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and mode.normalize != "running" and self.training:
-        raise RuntimeError(
-            f"{self._bnctl.name}: bnctl policies do not synchronize batch statistics across "
-            "processes yet, and a process group is initialized. Use bnctl.revert(model) to get "
-            "torch's SyncBatchNorm back, or a policy that normalizes with running statistics."
-        )
-    return _PolicyForward.forward(self, input)
-
-
-def set_policy(layer: _BatchNorm, policy: str | Policy, name: str) -> LayerState:
-    """Give ``layer`` a policy in place (class switch, state, affine flags); returns the state."""
-    policy = get_policy(policy)
-    previous: LayerState | None = getattr(layer, "_bnctl", None)
-    cls = policy_class(type(layer), name)
-    if previous is None:
-        grads = None
-        if layer.weight is not None and layer.bias is not None:
-            grads = (layer.weight.requires_grad, layer.bias.requires_grad)
-        state = LayerState(policy, name, type(layer), grads)
-    else:
-        state = LayerState(
-            policy,
-            name,
-            previous.origin,
-            previous.requires_grad,
-            None,  # a new policy starts a fresh cumulative average
-            previous.counts,
-        )
-    layer.__class__ = cls
-    layer._bnctl = state
-    set_learn_affine(layer, policy.learn_affine)
-    return state
-
-
-def set_learn_affine(layer: _BatchNorm, learn: bool | None) -> None:
-    """Set ``requires_grad`` of weight and bias; freezing also drops stale ``.grad``."""
-    if learn is None:
-        return
-    for param in layer.parameters(recurse=False):  # per-domain affine included
-        param.requires_grad_(learn)
-        if not learn:
-            param.grad = None
-
-
 # -- drop-in layers ----------------------------------------------------------------------
 
 
 class _Constructor:
-    """The torch constructor plus ``policy=``; shared by the three public classes."""
+    """The torch constructor plus ``policy=``; shared by the public classes."""
 
     def __init__(self, *args: Any, policy: str | Policy = "torch", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        base = next(k for k in type(self).__mro__ if k.__module__.startswith("torch."))
-        self._bnctl = LayerState(TORCH, type(self).__name__, base)
-        set_policy(self, policy, type(self).__name__)  # type: ignore[arg-type]
+        resolved = get_policy(policy)
+        name = type(self).__name__
+        check_policy(name, self, resolved)  # type: ignore[arg-type]
+        origin = next(k for k in type(self).__mro__ if k.__module__.startswith("torch."))
+        flags = {k: p.requires_grad for k, p in self.named_parameters(recurse=False)}  # type: ignore[attr-defined]
+        self._bnctl = LayerState(name, origin, flags, base=resolved, builtin=True)
+        set_learn_affine(self, resolved.learn_affine)  # type: ignore[arg-type]
 
 
 class BatchNorm1d(_Constructor, nn.BatchNorm1d, _PolicyForward):
@@ -397,6 +395,10 @@ class BatchNorm1d(_Constructor, nn.BatchNorm1d, _PolicyForward):
 
     Same arguments as the torch class, plus ``policy`` (a preset name or a
     Policy; default ``"torch"``, bit-identical to the torch class).
+
+    Raises:
+        ValueError: a policy that needs running statistics with
+            ``track_running_stats=False``.
 
     Shape:
         - Input: ``(N, C)`` or ``(N, C, L)``; Output: same as input.
@@ -414,6 +416,10 @@ class BatchNorm2d(_Constructor, nn.BatchNorm2d, _PolicyForward):
 
     Same arguments as the torch class, plus ``policy`` (a preset name or a
     Policy; default ``"torch"``, bit-identical to the torch class).
+
+    Raises:
+        ValueError: a policy that needs running statistics with
+            ``track_running_stats=False``.
 
     Shape:
         - Input: ``(N, C, H, W)``; Output: same as input (memory format kept).
@@ -435,6 +441,30 @@ class BatchNorm3d(_Constructor, nn.BatchNorm3d, _PolicyForward):
     Same arguments as the torch class, plus ``policy`` (a preset name or a
     Policy; default ``"torch"``, bit-identical to the torch class).
 
+    Raises:
+        ValueError: a policy that needs running statistics with
+            ``track_running_stats=False``.
+
     Shape:
         - Input: ``(N, C, D, H, W)``; Output: same as input.
     """
+
+
+class SyncBatchNorm(_Constructor, nn.SyncBatchNorm, _PolicyForward):
+    """:class:`torch.nn.SyncBatchNorm` that follows a :class:`bnctl.Policy`.
+
+    Without an initialized process group it behaves as the matching
+    ``bnctl.BatchNorm*d``; with one, policies that normalize with batch
+    statistics in ``train()`` raise (bnctl does not synchronize statistics
+    yet), so nothing silently uses per-process statistics.
+    """
+
+    forward = _sync_forward
+
+
+_STATIC: dict[type, type] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    nn.SyncBatchNorm: SyncBatchNorm,
+}

@@ -9,22 +9,29 @@ A :class:`Policy` separates the two things PyTorch ties to ``module.training``:
   ``"cumulative"``.
 
 A policy gives both for ``train()`` and for ``eval()``, plus whether the affine
-parameters learn. :func:`resolve_mode` is the one place that turns a policy and
-a layer's flags into what one forward does.
+parameters learn. This module answers every policy question once:
+:func:`resolve_mode` (the truth table) and :func:`needs_running_stats` decide
+what a policy means on a given layer, and :func:`make_plan` turns a policy into
+a layer's :class:`Plan` when it is applied, so a forward reads
+``plan[layer.training]``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Union
 
 __all__ = [
     "Mode",
+    "Plan",
     "Policy",
     "PRESETS",
+    "Step",
     "get_policy",
+    "make_plan",
+    "make_step",
+    "needs_running_stats",
     "resolve_mode",
     "momentum_from_decay",
     "momentum_from_half_life",
@@ -261,9 +268,10 @@ def resolve_mode(
     no        any    any    batch / none
     ========  =====  =====  ======================
 
-    :func:`bnctl.apply` refuses, ahead of time, a policy that needs running
-    statistics on a layer that has none, so the first row never silently
-    replaces a non-``torch`` policy.
+    :func:`needs_running_stats` says for which policies the first row would
+    mean something other than the policy; :func:`bnctl.apply` and the layer
+    constructors refuse those ahead of time, so it never silently replaces a
+    policy.
 
     Example:
         >>> resolve_mode(PRESETS["running_update"], True, True, True)
@@ -277,6 +285,90 @@ def resolve_mode(
     if not track_running_stats:
         return Mode(mode.normalize, "none")
     return mode
+
+
+def needs_running_stats(policy: Policy) -> bool:
+    """Whether ``policy`` means something else than PyTorch does on a layer without running statistics.
+
+    Such a layer always normalizes with the batch and updates nothing
+    (the first row of :func:`resolve_mode`'s table). A policy fits it when
+    that is what the policy says anyway: batch statistics in ``train()``,
+    batch (or, as in PyTorch, running, which is then unavailable) statistics
+    in ``eval()``, and no update other than the ``torch`` preset's own.
+
+    Example:
+        >>> [name for name, p in PRESETS.items() if needs_running_stats(p)]
+        ['frozen', 'frozen_stats', 'running_update', 'recalibrate', 'renorm']
+    """
+    if policy.train_normalize != "batch" or policy.eval_normalize not in ("batch", "running"):
+        return True
+    return policy.updates and (policy.mode(True), policy.mode(False)) != _TORCH_MODES
+
+
+_TORCH_MODES = (TORCH.mode(True), TORCH.mode(False))
+
+
+class Step(NamedTuple):
+    """What one forward of one layer does: one half of a :class:`Plan`.
+
+    ``normalize`` is ``"batch"``, ``"running"``, ``"renorm"`` or a blend
+    weight strictly between 0 and 1 (the end points are the plain modes);
+    ``update`` is ``"none"``, ``"ema"`` or ``"cumulative"``; ``momentum`` is
+    the EMA weight of the new batch (``None``: PyTorch's cumulative average);
+    ``renorm`` is ``(rmax, dmax, (start, end))`` for ``normalize="renorm"``.
+    """
+
+    normalize: Normalize
+    update: Update
+    momentum: float | None = 0.1
+    fallback: bool = False
+    renorm: tuple[float, float, tuple[int, int]] | None = None
+
+
+class Plan(NamedTuple):
+    """A policy resolved for one layer: ``plan[layer.training]`` is the :class:`Step` of a forward."""
+
+    eval: Step
+    train: Step
+
+
+def make_plan(
+    policy: Policy, *, momentum: float | None, track_running_stats: bool, has_running_stats: bool
+) -> Plan:
+    """Resolve ``policy`` for a layer with these attributes (``momentum`` is the layer's own).
+
+    Example:
+        >>> plan = make_plan(PRESETS["renorm"], momentum=0.1, track_running_stats=True,
+        ...                  has_running_stats=True)
+        >>> plan[True].normalize, plan[True].renorm, plan[False].update
+        ('renorm', (3.0, 5.0, (5000, 40000)), 'none')
+    """
+    effective = momentum if policy.momentum is None else policy.momentum
+    renorm = (policy.rmax, policy.dmax, policy.renorm_warmup)
+
+    def step(training: bool) -> Step:
+        mode = resolve_mode(policy, training, track_running_stats, has_running_stats)
+        return make_step(mode, effective, policy.fallback, renorm)
+
+    return Plan(eval=step(False), train=step(True))
+
+
+def make_step(
+    mode: Mode,
+    momentum: float | None,
+    fallback: bool = False,
+    renorm: tuple[float, float, tuple[int, int]] = (3.0, 5.0, (0, 0)),
+) -> Step:
+    """The :class:`Step` of ``mode``; a blend's end points become the plain modes.
+
+    Example:
+        >>> make_step(Mode(1.0, "ema"), 0.1)
+        Step(normalize='batch', update='ema', momentum=0.1, fallback=False, renorm=None)
+    """
+    normalize = mode.normalize
+    if not isinstance(normalize, str):
+        normalize = {1.0: "batch", 0.0: "running"}.get(float(normalize), float(normalize))
+    return Step(normalize, mode.update, momentum, fallback, renorm if normalize == "renorm" else None)
 
 
 def momentum_from_decay(decay: float) -> float:
@@ -310,9 +402,3 @@ def momentum_from_half_life(batches: float) -> float:
         raise ValueError(f"expected a positive, finite half-life in batches, got {batches!r}.")
     return 1.0 - 2.0 ** (-1.0 / batches)
 
-
-def replace(policy: Policy, **changes: object) -> Policy:
-    """:func:`dataclasses.replace` that drops the preset name when fields change."""
-    if changes and "name" not in changes:
-        changes["name"] = None
-    return dataclasses.replace(policy, **changes)  # type: ignore[arg-type]

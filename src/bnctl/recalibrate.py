@@ -1,14 +1,18 @@
 """Recompute running statistics over data (AdaBN, precise BN, after SWA/pruning).
 
-Only the targeted BatchNorm layers change behaviour during the pass: they
-normalize with batch statistics and merge every batch exactly (count, mean,
-M2 in float64). Every other module keeps its mode (dropout stays off in a
-model in eval), and everything is restored in ``finally``.
+During the pass the targeted BatchNorm layers normalize with batch statistics
+and pool every batch exactly (count, mean, M2 in float64); every other
+BatchNorm layer keeps its mode and updates nothing, and every other module
+keeps its mode (dropout stays off in a model in eval). The population
+statistics are written once, at the end, into the layers that saw values;
+nothing is written if the pass fails, and everything else is restored in
+``finally``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import warnings
@@ -18,21 +22,29 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .apply import Selector, _apply, batchnorm_layers
+from .apply import Selector, batchnorm_layers, using_layers
 from .domains import domain as domain_scope
-from .modules import domain_tensors
-from .policy import Policy
-from .updates import restore, snapshot
+from .domains import layers_with
+from .functional import Accumulator, BatchAverage
+from .modules import check_materialized, display_name
+from .policy import PRESETS
+from .state import LayerTensors, Pools, domains
+from .updates import pooling, unchanged
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate", "call_model", "progress_bar"]
 
 logger = logging.getLogger(__name__)
 
-_RECALIBRATE = Policy("batch", "cumulative", "batch", "cumulative", name="recalibrate")
-_PER_BATCH = Policy("batch", "ema", "batch", "ema", name="recalibrate")
-# learn_affine stays None: a recalibration never touches requires_grad.
+PASS = dataclasses.replace(PRESETS["recalibrate"], learn_affine=None, name="recalibrate_pass")
+"""The policy of targeted layers during a pass: the ``recalibrate`` preset (batch statistics in
+train() and eval(), cumulative update), leaving ``requires_grad`` alone; its updates go to a pool."""
 
-def _call(model: nn.Module, batch: Any) -> Any:
+_ESTIMATORS = {"exact": Accumulator, "per_batch": BatchAverage}
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on a batch: a tensor, a tuple/list whose first element is the input, or a
+    dict of keyword arguments."""
     if isinstance(batch, Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
@@ -46,9 +58,13 @@ def _call(model: nn.Module, batch: Any) -> Any:
     )
 
 
-def _progress(iterable: Iterable[Any], total: int | None, enabled: bool | None) -> Iterable[Any]:
+def progress_bar(total: int | None, desc: str, enabled: bool | None, iterable: Iterable[Any] | None = None) -> Any:
+    """A tqdm bar, or ``None``: by default only when stderr is a terminal and tqdm is installed.
+
+    ``enabled=True`` without tqdm warns and gives ``None``.
+    """
     if enabled is False or (enabled is None and not sys.stderr.isatty()):
-        return iterable
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
@@ -57,8 +73,8 @@ def _progress(iterable: Iterable[Any], total: int | None, enabled: bool | None) 
                 "progress=True needs tqdm: pip install 'bnctl[progress]'. Continuing without.",
                 stacklevel=3,
             )
-        return iterable
-    return tqdm(iterable, total=total, desc="recalibrate", leave=False)
+        return None
+    return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
 def recalibrate(
@@ -86,14 +102,17 @@ def recalibrate(
     layers before them normalize with batch statistics during the pass (as in
     fvcore's precise BN). Unlike ``torch.optim.swa_utils.update_bn`` (a
     ``momentum=None`` average of per-batch unbiased variances that puts the
-    whole model in train mode) no other module changes mode, and the
-    variance includes the spread between batch means. Runs under
-    ``torch.no_grad()``, one forward per batch.
+    whole model in train mode) no other module changes mode, other
+    BatchNorm layers update nothing, and the variance includes the spread
+    between batch means. Runs under ``torch.no_grad()``, one forward per batch.
 
-    Everything it changes (policies, classes, flags) is restored in
-    ``finally``. If the pass fails or is interrupted (``KeyboardInterrupt``
-    included), the running statistics are restored too: the model is left
-    exactly as it was.
+    Statistics are written once, after the pass, into each targeted layer
+    that saw values; a layer that saw none (never reached, or only empty
+    batches) keeps its statistics and ``num_batches_tracked`` and is not in
+    the result. If the pass fails or is interrupted (``KeyboardInterrupt``
+    included) nothing is written, and everything else it changed (policies,
+    classes, flags) is restored in ``finally``: the model is left exactly as
+    it was.
 
     Args:
         model: the model.
@@ -101,14 +120,17 @@ def recalibrate(
             element is the input, or dicts of keyword arguments.
         num_batches: use this many batches (``None``: all of ``data``).
         layers: which BatchNorm layers (``fnmatch`` pattern(s) or a predicate
-            ``(name, module) -> bool``); default all that have running
-            statistics.
+            ``(name, module) -> bool``); default all that track running
+            statistics (layers whose ``track_running_stats`` was switched off
+            are skipped with a warning).
         exclude: BatchNorm layers to leave alone (same forms).
         forward: ``forward(model, batch)`` for batches of any other form.
-        strict: raise if a targeted layer never saw data (else warn).
+        strict: raise if there is no data, or a targeted layer saw no values
+            (else warn).
         progress: show a tqdm bar (``None``: when stderr is a terminal and tqdm is installed).
-        domain: recalibrate this domain's statistics (see :func:`bnctl.domain`);
-            other domains and every parameter stay bit-identical (AdaBN).
+        domain: recalibrate this domain's statistics (see :func:`bnctl.domain`),
+            in the layers that have it; other domains, other layers and every
+            parameter stay bit-identical (AdaBN).
         estimator: ``"exact"`` (population statistics, above) or
             ``"per_batch"``: the average of per-batch means and of per-batch
             unbiased variances, what ``torch.optim.swa_utils.update_bn`` and
@@ -121,7 +143,8 @@ def recalibrate(
 
     Raises:
         ValueError: ``data`` has fewer than ``num_batches`` batches, no layer
-            is selected, or (``strict``) a targeted layer was never reached.
+            is selected, an uninitialized lazy layer is, or (``strict``) there
+            is no data or a targeted layer saw no values.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
@@ -133,68 +156,111 @@ def recalibrate(
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"expected num_batches >= 1 or None, got {num_batches}.")
-    # Layers built with track_running_stats=False have nothing to recalibrate.
-    targets = [
-        (name, layer)
-        for name, layer in batchnorm_layers(model, layers, exclude)
-        if layer.running_mean is not None
-    ]
-    if not targets:
-        raise ValueError(
-            f"expected at least one BatchNorm layer to recalibrate, got none (layers={layers!r}, "
-            f"exclude={exclude!r})."
-        )
-    if estimator not in ("exact", "per_batch"):
-        raise ValueError(f"expected estimator 'exact' or 'per_batch', got {estimator!r}.")
-    call = forward or _call
-    saved = snapshot(model)
-    policy = _RECALIBRATE if estimator == "exact" else _PER_BATCH
-    handle = _apply(targets, lambda _layer: policy)
-    momenta = [layer.momentum for _, layer in targets]
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"expected estimator one of {sorted(_ESTIMATORS)}, got {estimator!r}.")
+    targets = _targets(model, layers, exclude, domain)
+    chosen = {id(layer) for _, layer in targets}
+    others = [(n, m) for n, m in batchnorm_layers(model) if id(m) not in chosen]
     reached: set[int] = set()
     hooks = [layer.register_forward_pre_hook(lambda m, _i: reached.add(id(m))) for _, layer in targets]
-    seen = 0
-    done = False
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(unchanged(others))
+            stack.enter_context(using_layers(targets, PASS))
+            states = stack.enter_context(pooling(targets, _ESTIMATORS[estimator]))
             if domain is not None:
                 stack.enter_context(domain_scope(model, domain))
-            for _, layer in targets:
-                # the statistics are recomputed from scratch; num_batches_tracked counts the
-                # batches they come from
-                _rm, _rv, nbt, _w, _b = domain_tensors(layer, layer.__dict__.get("_bnctl_domain"))
-                if nbt is not None:
-                    nbt.zero_()
-                if estimator == "per_batch":
-                    layer.momentum = None  # PyTorch's cumulative average, as update_bn does
             stack.enter_context(torch.no_grad())
-            for batch in _progress(data, num_batches, progress):
-                if num_batches is not None and seen >= num_batches:
-                    break
-                call(model, batch)
-                seen += 1
-        if num_batches is not None and seen < num_batches:
-            raise ValueError(
-                f"expected {num_batches} batches, got {seen}. Pass num_batches=None to use "
-                "all the data, or give more data."
-            )
-        unreached = [name or type(layer).__name__ for name, layer in targets if id(layer) not in reached]
-        if unreached:
-            message = (
-                f"BatchNorm layers never reached by the data: {unreached}. Check that the "
-                "forward passes through them, or exclude them with exclude=..."
-            )
-            if strict:
-                raise ValueError(message + " (strict=False warns instead.)")
-            warnings.warn(message, stacklevel=2)
-        done = True
-        logger.info("recalibrated %d BatchNorm layers over %d batches", len(reached), seen)
-        return [name or type(layer).__name__ for name, layer in targets if id(layer) in reached]
+            seen = _run(model, data, num_batches, forward or call_model, progress)
+            pools = [state.pools for state in states]
+        _check_data(seen, num_batches, targets, reached, pools, strict)
+        with torch.no_grad():
+            done = [display_name(name, layer) for (name, layer), pool in zip(targets, pools)
+                    if _write(layer, pool)]
     finally:
         for hook in hooks:
             hook.remove()
-        for (_, layer), momentum in zip(targets, momenta):
-            layer.momentum = momentum
-        handle.remove()
-        if not done:
-            restore(model, saved)
+    logger.info("recalibrated %d BatchNorm layers over %d batches", len(done), seen)
+    return done
+
+
+def _targets(model: nn.Module, layers: Selector, exclude: Selector, domain: str | None) -> list[tuple[str, Any]]:
+    selected = batchnorm_layers(model, layers, exclude)
+    for name, layer in selected:
+        check_materialized(display_name(name, layer), layer)
+    untracked = [display_name(n, m) for n, m in selected if m.running_mean is not None and not m.track_running_stats]
+    if untracked:
+        warnings.warn(
+            f"skipped BatchNorm layers whose track_running_stats is False: {untracked}. Set it to True "
+            "to recalibrate them.",
+            stacklevel=3,
+        )
+    targets = [(n, m) for n, m in selected if m.running_mean is not None and m.track_running_stats]
+    if domain is not None:
+        layers_with(model, domain)  # raises for a domain the model does not have, naming the known ones
+        targets = [(n, m) for n, m in targets if domain in domains(m)]
+    if not targets:
+        raise ValueError(
+            f"expected at least one BatchNorm layer with running statistics to recalibrate"
+            f"{'' if domain is None else f' in domain {domain!r}'}, got none (layers={layers!r}, "
+            f"exclude={exclude!r})."
+        )
+    return targets
+
+
+def _run(model: nn.Module, data: Iterable[Any], num_batches: int | None,
+         call: Callable[[nn.Module, Any], Any], progress: bool | None) -> int:
+    bar = progress_bar(num_batches, "recalibrate", progress, data)
+    seen = 0
+    try:
+        for batch in bar if bar is not None else data:
+            if num_batches is not None and seen >= num_batches:
+                break
+            call(model, batch)
+            seen += 1
+    finally:
+        if bar is not None:
+            bar.close()
+    return seen
+
+
+def _check_data(seen: int, num_batches: int | None, targets: list[tuple[str, Any]], reached: set[int],
+                pools: list[Pools], strict: bool) -> None:
+    if num_batches is not None and seen < num_batches:
+        raise ValueError(
+            f"expected {num_batches} batches, got {seen}. Pass num_batches=None to use "
+            "all the data, or give more data."
+        )
+    if seen == 0:
+        message = "expected at least one batch, got an empty data iterable. Check the DataLoader (or its sampler)"
+    else:
+        unreached = [display_name(n, m) for n, m in targets if id(m) not in reached]
+        empty = [display_name(n, m) for (n, m), pool in zip(targets, pools)
+                 if id(m) in reached and not any(float(p.count) > 0 for p in pool.by_domain.values())]
+        if not unreached and not empty:
+            return
+        message = "; ".join(
+            [f"BatchNorm layers never reached by the data: {unreached}. Check that the forward passes "
+             "through them, or exclude them with exclude=..."] * bool(unreached)
+            + [f"BatchNorm layers that saw only empty batches: {empty}"] * bool(empty)
+        )
+    message += ". Their statistics were left unchanged."
+    if strict:
+        raise ValueError(message + " (strict=False warns instead.)")
+    warnings.warn(message, stacklevel=3)
+
+
+def _write(layer: nn.Module, pools: Pools) -> bool:
+    """Write the population statistics of each pooled domain; whether anything was written."""
+    written = False
+    for domain, pool in pools.by_domain.items():
+        if float(pool.count) == 0:
+            continue
+        mean, var = pool.population()
+        t = LayerTensors.of(layer, domain)
+        t.running_mean.copy_(mean)
+        t.running_var.copy_(var)
+        if t.num_batches_tracked is not None:
+            t.num_batches_tracked.fill_(int(pool.batches))
+        written = True
+    return written

@@ -1,9 +1,9 @@
 """What every BatchNorm layer of a model does, and the known traps.
 
 :func:`report` lists, per layer, its effective behaviour under ``train()``
-and under ``eval()`` (decided by the same :func:`bnctl.resolve_mode` the
-layers use), whether the affine part learns, momentum, eps, counters, and
-warnings for the classic mistakes. Given a batch, it also measures how far
+and under ``eval()`` (read from the same plan the layers' forwards read),
+whether the affine part learns, momentum, eps, counters, and warnings for
+the classic mistakes. Given a batch, it also measures how far
 the batch's statistics are from the running ones, changing nothing.
 """
 
@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .apply import batchnorm_layers, no_update
-from .modules import domain_tensors, domains, effective_momentum, layer_policy
-from .policy import Mode, resolve_mode
+from .apply import batchnorm_layers
+from .modules import check_materialized, display_name, is_uninitialized, layer_plan, layer_policy, layer_state
+from .policy import Step
+from .recalibrate import call_model
+from .state import LayerTensors, domains, never_updated
+from .updates import unchanged
 
 __all__ = ["LayerReport", "Report", "report"]
 
@@ -62,6 +65,8 @@ class Report:
         return [f"{layer.name}: {w}" for layer in self.layers for w in layer.warnings]
 
     def __str__(self) -> str:
+        if not self.layers:
+            return "no BatchNorm layers"
         with_batch = any(layer.mean_shift is not None for layer in self.layers)
         header = ["layer", "class", "policy", "train()", "eval()", "affine", "momentum", "eps",
                   "batches", "skipped"]
@@ -86,16 +91,9 @@ class Report:
         return "\n".join(lines)
 
 
-def _mode(layer: _BatchNorm, training: bool) -> Mode:
-    return resolve_mode(
-        layer_policy(layer), training, layer.track_running_stats, layer.running_mean is not None
-    )
-
-
-def _mode_text(layer: _BatchNorm, training: bool) -> str:
-    mode = _mode(layer, training)
-    normalize = mode.normalize if isinstance(mode.normalize, str) else f"blend({mode.normalize:g})"
-    return f"{normalize}/{mode.update}"
+def _mode_text(step: Step) -> str:
+    normalize = step.normalize if isinstance(step.normalize, str) else f"blend({step.normalize:g})"
+    return f"{normalize}/{step.update}"
 
 
 def _affine_text(layer: _BatchNorm) -> str:
@@ -108,20 +106,16 @@ def _affine_text(layer: _BatchNorm) -> str:
 
 def _traps(layer: _BatchNorm) -> list[str]:
     found = []
-    updates_in_train = _mode(layer, True).update != "none"
-    if _affine_text(layer) == "frozen" and updates_in_train:
+    plan = layer_plan(layer)
+    if _affine_text(layer) == "frozen" and plan.train.update != "none":
         found.append(
             "weight/bias have requires_grad=False but the running statistics still update in "
             "train(); use the 'frozen' preset to freeze both"
         )
-    if layer.running_mean is not None and layer.num_batches_tracked is not None:
-        if (
-            int(layer.num_batches_tracked) == 0
-            and bool((layer.running_mean == 0).all())
-            and bool((layer.running_var == 1).all())
-        ):
-            found.append("running statistics never updated (all 0 and 1): load pretrained "
-                         "weights or run bnctl.recalibrate")
+    if never_updated(layer.running_mean, layer.running_var, layer.num_batches_tracked):
+        found.append("running statistics never updated (all 0 and 1): load pretrained "
+                     "weights or run bnctl.recalibrate")
+    if layer.running_mean is not None:
         bad = [k for k, t in (("running_mean", layer.running_mean),
                               ("running_var", layer.running_var)) if not torch.isfinite(t).all()]
         if bad:
@@ -129,7 +123,7 @@ def _traps(layer: _BatchNorm) -> list[str]:
     if not layer.track_running_stats and layer.running_mean is not None:
         found.append("track_running_stats was switched off after construction: train() "
                       "normalizes with batch statistics, eval() with the stale buffers")
-    momentum = effective_momentum(layer)
+    momentum = plan.train.momentum
     if momentum is not None and 0.9 <= momentum < 1.0:
         found.append(f"momentum={momentum:g} looks like a Keras/Flax decay; PyTorch's momentum "
                      f"is the weight of the new batch (bnctl.momentum_from_decay({momentum:g}) "
@@ -143,7 +137,8 @@ def _traps(layer: _BatchNorm) -> list[str]:
 def _shift(layer: _BatchNorm, x: Tensor) -> tuple[float | None, float | None, float | None]:
     if layer.running_mean is None or x.shape[0] * x[0, 0].numel() < 2:
         return None, None, None
-    rm, rv, _nbt, w, b = domain_tensors(layer, layer.__dict__.get("_bnctl_domain"))
+    state = layer_state(layer)
+    rm, rv, _nbt, w, b = LayerTensors.of(layer) if state is None else state.tensors(layer)
     dims = [0, *range(2, x.dim())]
     x = x.detach().double()
     var_b, mean_b = torch.var_mean(x, dims, unbiased=False)
@@ -158,17 +153,20 @@ def _shift(layer: _BatchNorm, x: Tensor) -> tuple[float | None, float | None, fl
     return mean_shift, log_ratio, gap if math.isfinite(gap) else None
 
 
-def report(model: nn.Module, batch: Any = None) -> Report:
+def report(
+    model: nn.Module, batch: Any = None, *, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> Report:
     """Report every BatchNorm layer's behaviour, and with a batch, its statistics shift.
 
-    With ``batch`` (a tensor, or a tuple/list whose first element is the
-    input), the model runs once in its current mode, under ``no_grad`` and
-    :func:`bnctl.no_update`, and each layer's input gives: the standardized
-    mean shift (mean over channels of ``|mean_B - running_mean| /
-    sqrt(running_var + eps)``), the log variance ratio (mean of
-    ``|log((var_B + eps) / (running_var + eps))|``) and the train/eval
-    output gap (``||y_batch - y_running|| / ||y_running||``). No buffer or
-    flag changes.
+    With ``batch`` (a tensor, a tuple/list whose first element is the input,
+    or a dict of keyword arguments; or anything ``forward(model, batch)``
+    takes), the model runs once in its current mode, under ``no_grad`` and
+    with no running statistic updated, and each layer's input gives: the
+    standardized mean shift (mean over channels of ``|mean_B - running_mean|
+    / sqrt(running_var + eps)``), the log variance ratio (mean of
+    ``|log((var_B + eps) / (running_var + eps))|``) and the train/eval output
+    gap (``||y_batch - y_running|| / ||y_running||``). No buffer or flag
+    changes, whatever the layers' classes.
 
     Returns:
         A :class:`Report`: print it, or use ``.records()``.
@@ -180,41 +178,48 @@ def report(model: nn.Module, batch: Any = None) -> Report:
         ('batch/ema', 'running/none', 2)
     """
     layers = batchnorm_layers(model)
-    inputs: dict[str, Tensor] = {}
-    if batch is not None:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        hooks = [
-            layer.register_forward_pre_hook(
-                lambda _m, args, name=name: inputs.__setitem__(name, args[0])
-            )
-            for name, layer in layers
-        ]
-        try:
-            with torch.no_grad(), no_update(model):
-                model(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
+    inputs = {} if batch is None else _layer_inputs(model, layers, batch, forward or call_model)
     rows = []
     for name, layer in layers:
-        display = name or type(layer).__name__
-        policy = layer_policy(layer)
-        row = LayerReport(
-            name=display,
-            cls=type(layer).__name__,
-            policy=policy.name or "custom",
-            train=_mode_text(layer, True),
-            eval=_mode_text(layer, False),
-            affine=_affine_text(layer),
-            momentum=effective_momentum(layer),
-            eps=layer.eps,
-            num_batches_tracked=None if layer.num_batches_tracked is None
-            else int(layer.num_batches_tracked),
-            skipped_updates=getattr(layer, "skipped_updates", 0),
-            domains=domains(layer),
-            warnings=_traps(layer),
-        )
+        row = _row(display_name(name, layer), layer)
         if name in inputs:
             row.mean_shift, row.log_var_ratio, row.train_eval_gap = _shift(layer, inputs[name])
         rows.append(row)
     return Report(rows)
+
+
+def _row(name: str, layer: _BatchNorm) -> LayerReport:
+    row = LayerReport(
+        name=name, cls=type(layer).__name__, policy=layer_policy(layer).name or "custom",
+        train="-", eval="-", affine="-", momentum=layer.momentum, eps=layer.eps, num_batches_tracked=None,
+        skipped_updates=getattr(layer, "skipped_updates", 0), domains=domains(layer),
+    )
+    if is_uninitialized(layer):
+        row.warnings.append("uninitialized lazy layer: run one forward pass to see its behaviour")
+        return row
+    plan = layer_plan(layer)
+    row.train, row.eval, row.momentum = _mode_text(plan.train), _mode_text(plan.eval), plan.train.momentum
+    row.affine = _affine_text(layer)
+    if layer.num_batches_tracked is not None:
+        row.num_batches_tracked = int(layer.num_batches_tracked)
+    row.warnings = _traps(layer)
+    return row
+
+
+def _layer_inputs(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batch: Any,
+                  call: Callable[[nn.Module, Any], Any]) -> dict[str, Tensor]:
+    """Each layer's input on ``batch``, from one forward that changes no statistics."""
+    for name, layer in layers:
+        check_materialized(display_name(name, layer), layer)
+    inputs: dict[str, Tensor] = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, layer in layers
+    ]
+    try:
+        with torch.no_grad(), unchanged(layers):
+            call(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs

@@ -18,17 +18,21 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .apply import _controlled, batchnorm_layers, no_update
-from .functional import Accumulator, commit_pooled_
-from .modules import Pool, count_skip, domain_tensors, effective_momentum
+from .apply import Selector, batchnorm_layers, hold, no_update_layers
+from .functional import Accumulator
+from .modules import check_controllable, check_materialized, display_name, is_uninitialized, layer_state
+from .state import LayerState, LayerTensors, Pools, Tape
 
-__all__ = ["snapshot", "restore", "accumulate", "checkpoint_context"]
+__all__ = ["snapshot", "restore", "accumulate", "checkpoint_context", "pooling", "unchanged"]
 
 Snapshot = dict[str, dict[str, Tensor]]
 
 
 def snapshot(model: nn.Module) -> Snapshot:
     """Copies of every BatchNorm layer's buffers (all domains), by qualified name.
+
+    Raises:
+        ValueError: an uninitialized lazy layer (it has no values yet).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
@@ -38,9 +42,12 @@ def snapshot(model: nn.Module) -> Snapshot:
         >>> int(model[0].num_batches_tracked)
         0
     """
+    layers = batchnorm_layers(model)
+    for name, layer in layers:
+        check_materialized(display_name(name, layer), layer)
     return {
         name: {k: b.detach().clone() for k, b in layer.named_buffers(recurse=False)}
-        for name, layer in batchnorm_layers(model)
+        for name, layer in layers
     }
 
 
@@ -70,17 +77,51 @@ def restore(model: nn.Module, saved: Snapshot) -> None:
 
 
 @contextlib.contextmanager
-def accumulate(model: nn.Module) -> Iterator[None]:
+def unchanged(layers: list[tuple[str, nn.Module]]) -> Iterator[None]:
+    """Run a block that leaves the running statistics of ``layers`` as they were.
+
+    Layers whose forward bnctl can control run under ``no_update``; the others
+    (subclasses it cannot control) get their buffers written back on exit.
+    """
+    controlled, others = [], []
+    for name, layer in layers:
+        try:
+            check_controllable(display_name(name, layer), layer)
+            controlled.append((name, layer))
+        except (TypeError, ValueError):
+            others.append(layer)
+    saved = [{k: b.detach().clone() for k, b in layer.named_buffers(recurse=False)}
+             for layer in others if not is_uninitialized(layer)]
+    with no_update_layers(controlled):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, buffers in zip((m for m in others if not is_uninitialized(m)), saved):
+                    own = dict(layer.named_buffers(recurse=False))
+                    for k, value in buffers.items():
+                        own[k].copy_(value)
+
+
+@contextlib.contextmanager
+def accumulate(model: nn.Module, include: Selector = None, exclude: Selector = None) -> Iterator[None]:
     """Pool the running-statistics updates of several forwards and commit them once.
 
-    Inside the block every BatchNorm layer normalizes exactly as it would
-    outside, but where its policy would update the running statistics it
-    only merges the batch's (count, mean, M2) into a float64 pool. On a
-    normal exit each layer applies **one** update (its policy's ``ema`` or
-    ``cumulative``) with the pooled statistics, as if the micro-batches had
-    been one batch: ``num_batches_tracked`` grows by one. If the block
-    raises, nothing is committed. A micro-batch with non-finite statistics is
-    left out of the pool (and counted as a skipped update).
+    Inside the block every selected BatchNorm layer normalizes exactly as it
+    would outside, but where its policy would update the running statistics
+    it only merges the batch's (count, mean, M2) into a float64 pool, one per
+    domain (:func:`bnctl.domain`). On a normal exit each layer applies **one**
+    update per domain (its policy's ``ema`` or ``cumulative``) with the pooled
+    statistics, as if the micro-batches had been one batch:
+    ``num_batches_tracked`` grows by one. If the block raises, nothing is
+    committed. A micro-batch with non-finite statistics is left out of the
+    pool (and counted as a skipped update). Policies applied inside the block
+    pool too. Blocks do not nest: an inner block raises before changing
+    anything.
+
+    Args:
+        model: a model, or a single BatchNorm layer.
+        include, exclude: which layers (as in :func:`bnctl.apply`; default all).
 
     Example:
         >>> bn = torch.nn.BatchNorm1d(3).train()
@@ -93,53 +134,69 @@ def accumulate(model: nn.Module) -> Iterator[None]:
         >>> torch.allclose(bn.running_var, ref.running_var), int(bn.num_batches_tracked)
         (True, 1)
     """
-    layers = batchnorm_layers(model)
-    handle = _controlled(layers)
-    try:
-        for _, layer in layers:
-            if layer._bnctl.pool is not None:
-                raise RuntimeError(
-                    f"{layer._bnctl.name}: expected no enclosing bnctl.accumulate block, found "
-                    "one. Nest the forwards in a single block."
-                )
-            layer._bnctl.pool = Pool()
+    layers = batchnorm_layers(model, include, exclude)
+    for name, layer in layers:
+        state = layer_state(layer)
+        if state is not None and state.pools is not None:
+            raise RuntimeError(
+                f"{display_name(name, layer)}: expected no enclosing bnctl.accumulate block, found one. "
+                "Nest the forwards in a single block."
+            )
+    with pooling(layers) as states:
         yield
         with torch.no_grad():
-            for _, layer in layers:
-                state, pool = layer._bnctl, layer._bnctl.pool
-                if pool.accumulator is None:
-                    continue
-                if pool.update == "cumulative" and state.accumulator is None:
-                    state.accumulator = Accumulator.empty(layer.num_features, pool.accumulator.mean.device)
-                running_mean, running_var, num_batches_tracked, _w, _b = domain_tensors(
-                    layer, layer.__dict__.get("_bnctl_domain")
-                )
-                ok = commit_pooled_(
-                    running_mean,
-                    running_var,
-                    num_batches_tracked,
-                    pool.accumulator,
-                    pool.update,
-                    effective_momentum(layer),
-                    state.accumulator,
-                )
-                if ok is not None:
-                    count_skip(state, ok)
-    finally:
-        for _, layer in layers:
-            if hasattr(layer, "_bnctl"):
-                layer._bnctl.pool = None
-        handle.remove()
+            for (_, layer), state in zip(layers, states):
+                _commit_pools(layer, state)
 
 
-def checkpoint_context(model: nn.Module) -> Callable[[], tuple[Any, Any]]:
-    """A ``context_fn`` for ``torch.utils.checkpoint`` that keeps recomputation from updating.
+@contextlib.contextmanager
+def pooling(layers: list[tuple[str, nn.Module]], kind: type = Accumulator) -> Iterator[list[LayerState]]:
+    """Hold ``layers`` with an empty pool each (of ``kind``) for a block; the pools are dropped after.
+
+    Inside, what a layer's forward would write goes to its pool instead
+    (see :meth:`bnctl.state.LayerState.commit`).
+    """
+    with hold(layers) as states:
+        for state in states:
+            state.pools = Pools(kind)
+        try:
+            yield states
+        finally:
+            for state in states:
+                state.pools = None
+
+
+def _commit_pools(layer: nn.Module, state: LayerState) -> None:
+    """One update per domain with the statistics pooled there, as if they were one batch."""
+    pools, state.pools = state.pools, None
+    for domain, pool in pools.by_domain.items():
+        stats = pool.as_batch()
+        if stats.n < 2:  # nothing pooled, or a single value: no variance to write
+            continue
+        update, momentum = pools.updates[domain]
+        state.write(domain, LayerTensors.of(layer, domain), update, momentum, stats)
+
+
+def checkpoint_context(
+    model: nn.Module, include: Selector = None, exclude: Selector = None
+) -> Callable[[], tuple[Any, Any]]:
+    """A ``context_fn`` for ``torch.utils.checkpoint`` whose recomputation repeats the forward exactly.
 
     Non-reentrant activation checkpointing runs the forward a second time
-    during backward; BatchNorm would update its running statistics twice.
-    Pass the result as ``context_fn``: the first forward runs as usual, the
-    recomputation runs under :func:`bnctl.no_update` (same normalization,
-    nothing written).
+    during backward. Plain BatchNorm would update its running statistics
+    twice, and a layer that normalizes with running statistics it has just
+    updated (``running_update``, ``renorm`` after warm-up, blends) would
+    recompute with the new values, giving wrong gradients. With this
+    ``context_fn`` the first forward records, per layer, its mode and the
+    running statistics it normalized with; the recomputation replays them
+    and writes nothing. The layers are checked here, before any forward.
+
+    Args:
+        model: the model (or the checkpointed part of it).
+        include, exclude: which BatchNorm layers (as in :func:`bnctl.apply`).
+
+    Raises:
+        ValueError, TypeError: a layer bnctl cannot control (as :func:`bnctl.apply`).
 
     Example:
         >>> from torch.utils.checkpoint import checkpoint
@@ -150,4 +207,26 @@ def checkpoint_context(model: nn.Module) -> Callable[[], tuple[Any, Any]]:
         >>> int(block[1].num_batches_tracked)
         1
     """
-    return lambda: (contextlib.nullcontext(), no_update(model))
+    layers = batchnorm_layers(model, include, exclude)
+    for name, layer in layers:
+        check_controllable(display_name(name, layer), layer)
+
+    def context_fn() -> tuple[Any, Any]:
+        tape = Tape()
+        return _taped(layers, tape, replay=False), _taped(layers, tape, replay=True)
+
+    return context_fn
+
+
+@contextlib.contextmanager
+def _taped(layers: list[tuple[str, nn.Module]], tape: Tape, replay: bool) -> Iterator[None]:
+    """Record each layer's forwards on ``tape`` (the first forward), or replay them (the recomputation)."""
+    with hold(layers) as states:
+        previous = [(state.tape, state.replaying) for state in states]
+        for state in states:
+            state.tape, state.replaying = tape, replay
+        try:
+            yield
+        finally:
+            for state, (prev_tape, prev_replaying) in zip(states, previous):
+                state.tape, state.replaying = prev_tape, prev_replaying

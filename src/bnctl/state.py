@@ -1,0 +1,342 @@
+"""Per-layer state: everything bnctl keeps on a BatchNorm layer it controls.
+
+A layer under bnctl's control carries one :class:`LayerState` (as
+``layer._bnctl``; never in the state dict). It holds the layer's policies
+(a stack: :func:`bnctl.apply` pushes, ``handle.remove()`` pops), the scopes
+it is in (``no_update``, ``accumulate``, a selected domain, an activation-
+checkpoint recording), its cumulative accumulators and pools per domain, and
+the count of skipped updates. Two methods are the whole protocol of a forward:
+:meth:`LayerState.begin` says what the forward does and with which tensors,
+:meth:`LayerState.commit` writes what it observed where the scopes say, behind
+the non-finite guard.
+
+Domains: domain ``d`` is a set of tensors named ``running_mean__d``,
+``running_var__d``, ``num_batches_tracked__d`` (and optionally ``weight__d``,
+``bias__d``) on the layer; ``"default"`` is the canonical tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .functional import (
+    Accumulator,
+    BatchAverage,
+    BatchStats,
+    Limits,
+    Observed,
+    Status,
+    copy_if_finite_,
+    ema_weight,
+    new_running_values,
+    renorm_limits,
+    step_for_batch,
+)
+from .policy import TORCH, Plan, Policy, Step, make_plan
+
+__all__ = [
+    "AFFINE",
+    "DEFAULT",
+    "STATS",
+    "Forward",
+    "LayerState",
+    "LayerTensors",
+    "Pools",
+    "Tape",
+    "UpdateCounts",
+    "domain_key",
+    "domains",
+    "never_updated",
+]
+
+DEFAULT = "default"
+"""The name of the canonical statistics (``running_mean``, ...)."""
+
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+AFFINE = ("weight", "bias")
+
+
+def domain_key(base: str, domain: str) -> str:
+    """The attribute name of tensor ``base`` in ``domain`` (e.g. ``running_mean__target``)."""
+    return base if domain == DEFAULT else f"{base}__{domain}"
+
+
+def domains(layer: nn.Module) -> list[str]:
+    """The domains of a layer, ``"default"`` first (read from its buffers)."""
+    prefix = "running_mean__"
+    return [DEFAULT] + [k[len(prefix):] for k in layer._buffers if k.startswith(prefix)]
+
+
+def never_updated(running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Any) -> bool:
+    """Whether statistics are still PyTorch's initial values (all 0 and 1, no batch tracked)."""
+    if running_mean is None or running_var is None:
+        return False
+    if num_batches_tracked is not None and int(num_batches_tracked) != 0:
+        return False
+    return bool((running_mean == 0).all()) and bool((running_var == 1).all())
+
+
+class LayerTensors(NamedTuple):
+    """The tensors a forward reads and writes: one domain's statistics and affine parameters."""
+
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+    @classmethod
+    def of(cls, layer: nn.Module, domain: str = DEFAULT) -> LayerTensors:
+        buffers, params = layer._buffers, layer._parameters  # direct: this runs every forward
+        if domain == DEFAULT:
+            return cls(buffers.get("running_mean"), buffers.get("running_var"),
+                       buffers.get("num_batches_tracked"), params.get("weight"), params.get("bias"))
+        stats = [buffers[domain_key(k, domain)] for k in STATS]
+        affine = [params.get(domain_key(k, domain), params.get(k)) for k in AFFINE]
+        return cls(*stats, *affine)
+
+
+class Forward(NamedTuple):
+    """What one forward of a layer does: its step, its tensors, and what derives from them.
+
+    ``ema_weight`` is set when the native kernel computes the EMA itself (a
+    direct ``"ema"`` update of a ``"batch"`` step); otherwise the forward
+    observes the batch's statistics (or nothing, when ``step.update`` is
+    ``"none"``).
+    """
+
+    step: Step
+    tensors: LayerTensors
+    domain: str
+    limits: Limits
+    ema_weight: float | None
+
+
+@dataclass
+class UpdateCounts:
+    """Attempted and applied running updates; the difference were skipped (non-finite).
+
+    ``applied`` is an int on the CPU and a tensor on the layer's device
+    elsewhere, so counting never waits for the device.
+    """
+
+    attempts: int = 0
+    applied: int | Tensor = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.attempts - int(self.applied)
+
+    def add(self, ok: Status) -> None:
+        self.attempts += 1
+        if isinstance(ok, bool):
+            self.applied += int(ok)
+            return
+        if isinstance(self.applied, int):
+            with torch.inference_mode(False):
+                self.applied = torch.full((), self.applied, dtype=torch.long, device=ok.device)
+        self.applied.add_(ok)
+
+
+@dataclass
+class Pools:
+    """Batch statistics gathered by ``accumulate()``/``recalibrate()``, per domain, not yet written.
+
+    ``kind`` is :class:`~bnctl.functional.Accumulator` (exact) or
+    :class:`~bnctl.functional.BatchAverage`; ``updates`` records, per domain,
+    the update (and momentum) the layer's policy asked for.
+    """
+
+    kind: type = Accumulator
+    by_domain: dict[str, Accumulator | BatchAverage] = field(default_factory=dict)
+    updates: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+
+
+class Tape:
+    """What the first forward of an activation-checkpointed region used, per layer (by id), in order.
+
+    Its recomputation replays those :class:`Forward` records (the running
+    statistics as they were then, the same mode) and writes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[int, deque[Forward]] = defaultdict(deque)
+
+
+def _inference_safe(make: Any, *args: Any) -> Any:
+    """Create lasting state tensors as normal tensors, also under ``torch.inference_mode()``."""
+    with torch.inference_mode(False):
+        return make(*args)
+
+
+@dataclass
+class LayerState:
+    """What bnctl keeps on one layer (``layer._bnctl``).
+
+    ``origin`` is the class the layer had before bnctl and ``requires_grad``
+    its parameters' flags then (:func:`bnctl.revert` restores both).
+    ``base`` is the policy under all applied ones (``torch`` for a layer bnctl
+    took over, the constructor's for a ``bnctl.BatchNorm*d``); ``builtin``
+    layers stay bnctl layers. ``holds`` counts the scopes that keep a taken-over
+    layer under control; ``no_update`` those that forbid writes.
+    """
+
+    name: str
+    origin: type
+    requires_grad: dict[str, bool]
+    base: Policy = TORCH
+    builtin: bool = False
+    policies: list[tuple[object, Policy]] = field(default_factory=list)
+    holds: int = 0
+    no_update: int = 0
+    domain: str = DEFAULT
+    pools: Pools | None = None
+    tape: Tape | None = None
+    replaying: bool = False
+    accumulators: dict[str, Accumulator] = field(default_factory=dict)
+    counts: UpdateCounts = field(default_factory=UpdateCounts)
+    _plan: tuple[tuple[Any, ...], Plan] | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep policies, accumulators and counts, but not the scopes the
+        original is in (those end with the original's ``with`` blocks)."""
+        state = dict(self.__dict__)
+        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tape=None, replaying=False, _plan=None)
+        return state
+
+    # -- policy ----------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        """The policy the layer follows now: the last one applied, else the base."""
+        return self.policies[-1][1] if self.policies else self.base
+
+    def push(self, token: object, policy: Policy) -> None:
+        self.policies.append((token, policy))
+        self.accumulators.clear()  # a new policy starts a fresh cumulative average
+
+    def pop(self, token: object) -> None:
+        self.require_top(token)
+        self.policies.pop()
+        self.accumulators.clear()
+
+    def require_top(self, token: object) -> None:
+        """Raise unless ``token``'s policy is the last one applied (handles are removed LIFO)."""
+        if not self.policies or self.policies[-1][0] is not token:
+            raise RuntimeError(
+                f"{self.name}: expected the policy this handle applied, found another one. Remove "
+                "handles in reverse order of application (or use bnctl.using as a context manager)."
+            )
+
+    def plan(self, layer: nn.Module) -> Plan:
+        """The layer's :class:`~bnctl.policy.Plan`, resolved again only when an input to it changed."""
+        policy = self.policy
+        key = (policy, layer.momentum, layer.track_running_stats, layer.running_mean is not None)
+        cached = self._plan
+        if cached is None or cached[0][0] is not policy or cached[0][1:] != key[1:]:
+            plan = make_plan(policy, momentum=key[1], track_running_stats=key[2], has_running_stats=key[3])
+            self._plan = cached = (key, plan)
+        return cached[1]
+
+    # -- one forward -----------------------------------------------------------------------
+
+    def tensors(self, layer: nn.Module) -> LayerTensors:
+        """The tensors of the selected domain."""
+        return LayerTensors.of(layer, self.domain)
+
+    def begin(self, layer: nn.Module, x: Tensor) -> Forward:
+        """What this forward of ``layer`` does on ``x``, and with which tensors.
+
+        Under an activation checkpoint's recomputation it is what the first
+        forward did (recorded then); under ``no_update`` nothing is updated.
+        """
+        if self.replaying:
+            return self._replay(layer)
+        tensors = self.tensors(layer)
+        step = self.plan(layer)[layer.training]
+        step = step_for_batch(step, x, layer.eps, tensors.running_mean is not None, self.name)
+        if self.no_update and step.update != "none":
+            step = step._replace(update="none")
+        limits: Limits = (3.0, 5.0)
+        if step.renorm is not None and step.normalize == "renorm":
+            limits = renorm_limits(*step.renorm, tensors.num_batches_tracked)
+        weight = None
+        if step.update == "ema" and step.normalize == "batch" and self.pools is None:
+            weight = ema_weight(step.momentum, tensors.num_batches_tracked)
+        forward = Forward(step, tensors, self.domain, limits, weight)
+        if self.tape is not None:
+            self._record(layer, forward)
+        return forward
+
+    def _record(self, layer: nn.Module, forward: Forward) -> None:
+        t = forward.tensors
+        if t.running_mean is not None:
+            t = t._replace(running_mean=t.running_mean.detach().clone(), running_var=t.running_var.detach().clone())
+        self.tape.records[id(layer)].append(forward._replace(tensors=t))
+
+    def _replay(self, layer: nn.Module) -> Forward:
+        records = self.tape.records.get(id(layer)) if self.tape is not None else None
+        if not records:
+            raise RuntimeError(
+                f"{self.name}: the activation checkpoint's recomputation ran this layer more often than "
+                "the first forward did. Recompute the same function on the same inputs."
+            )
+        return records.popleft()
+
+    def commit(self, layer: nn.Module, forward: Forward, observed: Observed) -> None:
+        """Write what a forward observed: into the pool of an ``accumulate``/``recalibrate``
+        block, or (guarded) into the running statistics. Never during a replay."""
+        if self.replaying:
+            return
+        if self.pools is None:
+            step = forward.step
+            self.write(forward.domain, forward.tensors, step.update, step.momentum, observed)
+            return
+        if not isinstance(observed, BatchStats):
+            raise TypeError(f"{self.name}: expected batch statistics to pool, got {type(observed).__name__}.")
+        pools, domain = self.pools, forward.domain
+        pool = pools.by_domain.get(domain)
+        if pool is None:
+            pool = _inference_safe(pools.kind.empty, layer.num_features, observed.mean.device)
+            pools.by_domain[domain] = pool
+        pools.updates[domain] = (forward.step.update, forward.step.momentum)
+        self.count(copy_if_finite_(pool.tensors, torch.cat(pool.merged(observed)), None))
+
+    def write(
+        self, domain: str, tensors: LayerTensors, update: str, momentum: float | None, observed: Observed
+    ) -> Status:
+        """One ``update`` of ``domain``'s running statistics with ``observed``, guarded and counted."""
+        accumulator = None
+        if update == "cumulative":
+            accumulator = self.accumulators.get(domain)
+            if accumulator is None:
+                accumulator = _inference_safe(Accumulator.empty, tensors.running_mean.numel(),
+                                              tensors.running_mean.device)
+                self.accumulators[domain] = accumulator
+        targets, values = new_running_values(
+            update, tensors.running_mean, tensors.running_var, tensors.num_batches_tracked, observed,
+            momentum, accumulator,
+        )
+        ok = copy_if_finite_(targets, values, tensors.num_batches_tracked)
+        self.count(ok)
+        return ok
+
+    def count(self, ok: Status) -> None:
+        """Record the outcome of an attempted write (and warn at once on the CPU when skipped)."""
+        self.counts.add(ok)
+        if ok is False:
+            warnings.warn(
+                f"{self.name}: skipped the running-statistics update of this batch "
+                "(non-finite or undefined batch statistics, or non-finite running statistics); "
+                "running_mean, running_var and num_batches_tracked are unchanged "
+                f"({self.counts.skipped} skipped so far). Check the input and the "
+                "preceding layers for overflow, and the buffers with bnctl.report(model).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
