@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bnctl.cli import main
-from conftest import block_imports
+from conftest import block_imports, trained_state
 
 
 def test_help_and_usage_errors(capsys):
@@ -17,14 +17,6 @@ def test_help_and_usage_errors(capsys):
     assert main(["frobnicate"]) == 2
     assert main(["demo", "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
-
-
-def trained_state():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 3),
-                      nn.BatchNorm1d(3))
-    m.train()(torch.randn(8, 1, 4, 4))
-    return m.state_dict()
 
 
 def test_inspect_clean_checkpoint(tmp_path, capsys):
@@ -129,3 +121,55 @@ def test_inspect_never_executes_code_from_the_file(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 2
     assert not marker.exists()
     assert "weights_only=True" in capsys.readouterr().err
+
+
+def run_inspect(path, capsys):
+    code = main(["inspect", str(path)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_inspect_fuzzed_files_exit_2_with_one_line(tmp_path, capsys):
+    """Random bytes, truncations and byte flips of a real checkpoint: never a traceback."""
+    import io
+    import random
+
+    buf = io.BytesIO()
+    torch.save(trained_state(), buf)
+    real = buf.getvalue()
+    rng = random.Random(0)
+    cases = [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 600))) for _ in range(40)]
+    cases += [real[: rng.randrange(len(real))] for _ in range(80)]
+    for _ in range(180):
+        flipped = bytearray(real)
+        for _ in range(rng.randint(1, 8)):
+            flipped[rng.randrange(len(flipped))] = rng.getrandbits(8)
+        cases.append(bytes(flipped))
+    path = tmp_path / "fuzz.pt"
+    codes = []
+    for content in cases:
+        path.write_bytes(content)
+        code, _out, err = run_inspect(path, capsys)
+        codes.append(code)
+        assert code in (0, 1, 2)
+        if code == 2:
+            assert err.startswith("bnctl: error:") and err.count("\n") == 1, err
+    assert codes.count(2) > 100  # most of them are unreadable, as they should be
+
+
+def test_inspect_odd_tensors_are_problems(tmp_path, capsys):
+    state = trained_state()
+    state["1.running_mean"] = torch.zeros(2, 2)
+    state["4.num_batches_tracked"] = torch.tensor(float("nan"))
+    path = tmp_path / "odd.pt"
+    torch.save(state, path)
+    code, out, _err = run_inspect(path, capsys)
+    assert code == 1 and "expected a 1-D floating-point tensor" in out and "expected a count" in out
+
+
+def test_demo_checks_its_output_folder_first(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert main(["demo", "--quick", "--seeds", "1", "--out", str(blocker / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and err.count("\n") == 1

@@ -8,8 +8,8 @@ is needed.
 
 from __future__ import annotations
 
+import math
 import pickle
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +45,14 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # the weights-only unpickler met garbage
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt, or another format).") from err
         raise CheckpointError(
             f"{path}: refused: the file holds pickled Python objects (a whole model?), and "
             "bnctl reads checkpoints with weights_only=True so that no code in them runs. Save "
             "model.state_dict() instead."
         ) from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except Exception as err:  # a corrupt file can fail anywhere in the reader
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}).") from err
     state = _find_state_dict(obj)
     if state is None:
@@ -90,9 +92,11 @@ class LayerCheck:
 def check_checkpoint(state: dict[str, Tensor]) -> list[LayerCheck]:
     """Check every BatchNorm layer (found by its keys) of a state dict.
 
-    Flags: statistics never updated (all 0 and 1 with ``num_batches_tracked``
-    0 or absent), non-finite values, channels with near-zero variance or
-    weight, extreme values.
+    Flags: tensors that are not 1-D real floating-point tensors of one
+    length (the rest of the checks are skipped then), statistics never
+    updated (all 0 and 1 with ``num_batches_tracked`` 0 or absent),
+    non-finite values, channels with near-zero variance or weight, extreme
+    values, a ``num_batches_tracked`` that is not a finite count.
     """
     prefixes = [k[: -len("running_mean")] for k in state if k.endswith("running_mean")]
     checks = []
@@ -100,31 +104,83 @@ def check_checkpoint(state: dict[str, Tensor]) -> list[LayerCheck]:
         rm, rv = state.get(p + "running_mean"), state.get(p + "running_var")
         if rv is None:
             continue
-        nbt_t = state.get(p + "num_batches_tracked")
-        nbt = int(nbt_t) if nbt_t is not None and nbt_t.numel() == 1 else None
-        w, b = state.get(p + "weight"), state.get(p + "bias")
-        check = LayerCheck(p.rstrip(".") or "<root>", rm.numel(), nbt)
-        rmf, rvf = rm.double(), rv.double()
-        if not nbt and bool((rmf == 0).all()) and bool((rvf == 1).all()):
-            check.problems.append("statistics never updated (all 0 and 1)")
-        for key, t in (("running_mean", rm), ("running_var", rv), ("weight", w), ("bias", b)):
-            if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
-                check.problems.append(f"non-finite values in {key} ({int((~torch.isfinite(t)).sum())} channels)")
-        finite_rv = rvf[torch.isfinite(rvf)]
-        low = int((finite_rv.abs() < NEAR_ZERO_VAR).sum())
-        if low:
-            check.problems.append(f"{low} channel(s) with near-zero running_var (< {NEAR_ZERO_VAR:g})")
-        if w is not None:
-            wf = w.double()
-            zero_w = int((wf[torch.isfinite(wf)].abs() < NEAR_ZERO_WEIGHT).sum())
-            if zero_w:
-                check.problems.append(f"{zero_w} channel(s) with near-zero weight (< {NEAR_ZERO_WEIGHT:g})")
-        big = [k for k, t in (("running_mean", rmf), ("running_var", rvf))
-               if bool((t[torch.isfinite(t)].abs() > EXTREME).any())]
-        if big:
-            check.problems.append(f"extreme values (> {EXTREME:g}) in {', '.join(big)}")
+        tensors = {k: state[p + k] for k in ("running_mean", "running_var", "weight", "bias") if p + k in state}
+        check = LayerCheck(p.rstrip(".") or "<root>", _channels(rm), None)
+        nbt, nbt_problem = _count(state.get(p + "num_batches_tracked"))
+        check.num_batches_tracked = nbt
+        if nbt_problem:
+            check.problems.append(nbt_problem)
+        layout = _layout_problems(tensors)
+        if layout:
+            check.problems += layout
+        else:
+            check.problems += _value_problems(tensors, nbt)
         checks.append(check)
     return checks
+
+
+def _channels(t: Any) -> int:
+    return t.shape[0] if isinstance(t, Tensor) and t.dim() >= 1 else 0
+
+
+def _count(t: Any) -> tuple[int | None, str | None]:
+    """``num_batches_tracked`` as an int, or a problem when it is not a finite count."""
+    if t is None:
+        return None, None
+    if not (isinstance(t, Tensor) and t.layout == torch.strided and not t.is_meta and t.numel() == 1
+            and not t.is_complex() and not t.is_quantized):
+        return None, f"num_batches_tracked: expected a count (one integer), got {_describe(t)}"
+    value = t.item()
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        return None, f"num_batches_tracked: expected a count (a whole number >= 0), got {value!r}"
+    return int(value), None
+
+
+def _describe(t: Any) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
+    kind = "meta" if t.is_meta else "quantized" if t.is_quantized else str(t.layout).replace("torch.", "")
+    return f"a {kind} {str(t.dtype).replace('torch.', '')} tensor of shape {tuple(t.shape)}"
+
+
+def _layout_problems(tensors: dict[str, Any]) -> list[str]:
+    """Problems that make the values unreadable as per-channel statistics."""
+    problems = []
+    for key, t in tensors.items():
+        if not (isinstance(t, Tensor) and t.layout == torch.strided and not t.is_meta and not t.is_quantized
+                and t.is_floating_point() and t.dim() == 1):
+            problems.append(f"{key}: expected a 1-D floating-point tensor, got {_describe(t)}")
+    if not problems:
+        lengths = {key: t.numel() for key, t in tensors.items()}
+        if len(set(lengths.values())) > 1:
+            problems.append(f"expected one length per channel, got {lengths}")
+    return problems
+
+
+def _value_problems(tensors: dict[str, Tensor], nbt: int | None) -> list[str]:
+    problems = []
+    rmf, rvf = tensors["running_mean"].double(), tensors["running_var"].double()
+    if not nbt and bool((rmf == 0).all()) and bool((rvf == 1).all()):
+        problems.append("statistics never updated (all 0 and 1)")
+    for key, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            problems.append(f"non-finite values in {key} ({bad} channel{'s' if bad > 1 else ''})")
+    finite_rv = rvf[torch.isfinite(rvf)]
+    low = int((finite_rv.abs() < NEAR_ZERO_VAR).sum())
+    if low:
+        problems.append(f"{low} channel(s) with near-zero running_var (< {NEAR_ZERO_VAR:g})")
+    w = tensors.get("weight")
+    if w is not None:
+        wf = w.double()
+        zero_w = int((wf[torch.isfinite(wf)].abs() < NEAR_ZERO_WEIGHT).sum())
+        if zero_w:
+            problems.append(f"{zero_w} channel(s) with near-zero weight (< {NEAR_ZERO_WEIGHT:g})")
+    big = [k for k, t in (("running_mean", rmf), ("running_var", rvf))
+           if bool((t[torch.isfinite(t)].abs() > EXTREME).any())]
+    if big:
+        problems.append(f"extreme values (> {EXTREME:g}) in {', '.join(big)}")
+    return problems
 
 
 def checks_as_records(checks: list[LayerCheck]) -> list[dict[str, Any]]:

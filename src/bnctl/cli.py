@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> int:
-    print(f"bnctl: error: {message}", file=sys.stderr)
+    print(f"bnctl: error: {' '.join(message.split())}", file=sys.stderr)  # always one line
     return 2
 
 
@@ -74,6 +74,8 @@ def _demo(args: argparse.Namespace) -> int:
                           progress=False if args.no_progress else None, config=cfg)
     except ImportError as err:
         return _error(str(err))
+    except OSError as err:
+        return _error(f"--out: cannot write results to {args.out!r} ({err.strerror or err}).")
     print("Part A: a few SGD steps on the digits under each setting; what happened to the first "
           "BatchNorm layer (measured)\n")
     print(demo.format_part_a(result["part_a"]))
@@ -97,7 +99,10 @@ def _inspect(args: argparse.Namespace) -> int:
         state = load_state_dict(args.path)
     except CheckpointError as err:
         return _error(str(err))
-    checks = check_checkpoint(state)
+    try:
+        checks = check_checkpoint(state)
+    except Exception as err:  # the promise: one line and exit 2 for anything it cannot read
+        return _error(f"{args.path}: could not check the BatchNorm statistics ({type(err).__name__}: {err}).")
     problems = sum(len(c.problems) for c in checks)
     if args.json:
         print(json.dumps({"path": args.path, "layers": checks_as_records(checks),
