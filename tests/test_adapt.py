@@ -5,6 +5,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -66,3 +67,33 @@ def test_tent_example_runs():
     assert set(results) == {"source (eval)", "target, as is", "target, test-batch statistics",
                             "target, TENT"}
     assert all(0.0 <= v <= 1.0 for v in results.values())
+
+
+def test_train_only_batchnorm_in_one_call_and_restores():
+    m = model()
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    state = copy.deepcopy(m.state_dict())
+    with bnctl.train_only_batchnorm(m) as only_bn:
+        assert {id(p) for p in only_bn.params} == {id(p) for i in (1, 6) for p in m[i].parameters()}
+        assert [n for n, p in m.named_parameters() if p.requires_grad] == [
+            "1.weight", "1.bias", "6.weight", "6.bias"]
+        assert m.training and m[1].policy.name == "frozen_stats"
+        opt = torch.optim.SGD(only_bn.params, lr=0.1)
+        m(torch.randn(8, 1, 8, 8)).pow(2).sum().backward()
+        opt.step()
+        assert torch.equal(m[0].weight, state["0.weight"]) and not torch.equal(m[1].weight, state["1.weight"])
+        assert torch.equal(m[1].running_mean, state["1.running_mean"])  # frozen_stats: statistics kept
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    assert type(m[1]) is nn.BatchNorm2d
+
+
+def test_train_only_batchnorm_with_batch_statistics_and_bad_choices():
+    m = model()
+    with bnctl.train_only_batchnorm(m, "torch") as only_bn:
+        assert len(only_bn.params) == 4 and m[1].policy.label == "torch(learn_affine=True)"
+    with pytest.raises(ValueError, match="learn_affine=False"):
+        bnctl.train_only_batchnorm(m, "frozen")
+    plain = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, affine=False))
+    with pytest.raises(ValueError, match="affine=False"):
+        bnctl.train_only_batchnorm(plain)
+    assert plain[0].weight.requires_grad and type(plain[1]) is nn.BatchNorm1d

@@ -278,3 +278,11 @@ def test_eval_forward_then_train_forward_then_one_backward():
             y2 = bn.train()(x)
         (y1 * torch.randn_like(y1)).sum().add((y2 * torch.randn_like(y2)).sum()).backward()
         assert x.grad is not None
+
+
+def test_param_groups_with_nothing_trainable_says_why():
+    net = trained_net()
+    bnctl.apply(net, "frozen_stats")
+    net.requires_grad_(False)  # the wrong order: freezing after applying a learning policy
+    with pytest.raises(ValueError, match="train_only_batchnorm"):
+        bnctl.param_groups(net, lr=0.1)

@@ -77,3 +77,23 @@ def test_load_state_dict_tells_garbage_from_a_pickled_model(tmp_path):
         load_state_dict(model)
     with pytest.raises(CheckpointError, match="no such file"):
         load_state_dict(tmp_path / "missing.pt")
+
+
+def test_per_domain_statistics_are_checked_like_the_default_ones():
+    import bnctl
+
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    model.train()(torch.randn(8, 3))
+    bnctl.add_domains(model, "target")
+    state = model.state_dict()
+    state["0.running_var__target"][1] = float("inf")
+    checks = check_checkpoint(state)
+    assert [(c.name, c.domain) for c in checks] == [("0", "default"), ("0", "target")]
+    assert not checks[0].problems and "non-finite values in running_var" in checks[1].problems[0]
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model.", "_orig_mod.", "model.module."])
+def test_wrapper_prefixes_are_stripped(tmp_path, prefix):
+    state = trained_state()
+    torch.save({"state_dict": {prefix + k: v for k, v in state.items()}}, tmp_path / "c.pt")
+    assert list(load_state_dict(tmp_path / "c.pt")) == list(state)

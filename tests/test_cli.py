@@ -1,6 +1,7 @@
 """The command line: bnctl demo (small scale), bnctl inspect, errors and exit codes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -85,8 +86,12 @@ def test_demo_small_scale_writes_table_json_and_plot(tmp_path, capsys):
     assert rows["bn.eval()"]["survives model.train()"] == "no"
     assert rows["preset frozen"]["running stats changed"] == "no"
     assert rows["train()+momentum=0+no grad"]["normalizes with"] == "batch"
+    assert re.search(r"survives model\.train\(\)\s+a trainer loop's model\.train\(\) leaves the setting", text)
+    assert "renorm measures as 'batch': during Batch Renormalization's warm-up" in text
     if (out / "results.png").exists():
-        assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+        png = (out / "results.png").read_bytes()
+        assert png[:4] == b"\x89PNG"
+        assert int.from_bytes(png[16:20], "big") > 1600  # two panels: target and source accuracy
 
 
 def test_demo_without_matplotlib_says_so(tmp_path, capsys, monkeypatch):

@@ -328,7 +328,7 @@ def test_non_finite_running_statistics_block_updates_loudly():
     with torch.no_grad():
         bn.running_var[1] = float("inf")  # a damaged checkpoint
     before = copy.deepcopy(bn.state_dict())
-    with pytest.warns(RuntimeWarning, match="non-finite running statistics"):
+    with pytest.warns(RuntimeWarning, match="running statistics are already non-finite"):
         bn(torch.randn(8, 3, 2, 2))
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -482,3 +482,37 @@ def test_eps_zero_names_the_layer():
         model(torch.randn(4, 4))
     bnctl.apply(model, "frozen")
     model(torch.randn(4, 4))  # running statistics: eps=0 is PyTorch's business, as in eval()
+
+
+def test_repr_shows_the_momentum_the_layer_uses_and_the_modified_policy():
+    import dataclasses
+
+    bn = bnctl.BatchNorm2d(3, policy=dataclasses.replace(bnctl.get_policy("running_update"), momentum=1e-3))
+    assert "momentum=0.001," in repr(bn) and "policy=running_update(momentum=0.001)" in repr(bn)
+    assert "momentum=0.1," in repr(bnctl.BatchNorm2d(3))
+
+
+def test_policy_momentum_none_is_torchs_cumulative_average():
+    import dataclasses
+
+    ref = nn.BatchNorm2d(3, momentum=None).train()
+    bn = bnctl.BatchNorm2d(3, policy=dataclasses.replace(bnctl.get_policy("torch"), momentum=None)).train()
+    for _ in range(3):
+        x = torch.randn(4, 3, 2, 2)
+        ref(x), bn(x)
+    assert torch.equal(bn.running_mean, ref.running_mean) and torch.equal(bn.running_var, ref.running_var)
+
+
+def test_skipped_updates_warn_once_per_layer_from_the_users_line():
+    bn = pretrained("running_update").train()
+    x = torch.randn(8, 3, 4, 4)
+    x[0, 0, 0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            bn(x)
+    assert bn.skipped_updates == 12
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2  # the first skip, then the 10th
+    assert "non-finite" in messages[0] and "diverging" in messages[0] and "10 running-statistics" in messages[1]
+    assert all(w.filename == __file__ for w in caught)

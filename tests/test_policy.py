@@ -206,3 +206,20 @@ def test_plan_resolves_once_for_a_layer():
 @pytest.mark.parametrize("alpha,expected", [(1.0, "batch"), (0.0, "running"), (0.25, 0.25), (1, "batch")])
 def test_blend_end_points_are_the_plain_modes(alpha, expected):
     assert make_step(Mode(alpha, "none"), 0.1).normalize == expected
+
+
+def test_a_modified_preset_does_not_display_as_the_preset():
+    p = dataclasses.replace(get_policy("running_update"), momentum=1e-3)
+    assert p.label == "running_update(momentum=0.001)" and str(p).startswith("running_update(momentum=0.001) ")
+    assert get_policy("running_update").label == "running_update"
+    assert Policy().label == "custom" and Policy(name="mine").label == "mine"
+
+
+def test_momentum_none_means_what_it_means_in_torch():
+    """None is a cumulative average; the layer's own momentum is the default, "layer"."""
+    assert Policy().momentum == "layer"
+    plan = make_plan(dataclasses.replace(get_policy("torch"), momentum=None), momentum=0.1,
+                     track_running_stats=True, has_running_stats=True)
+    assert plan.train.momentum is None
+    with pytest.raises(ValueError, match="'layer'"):
+        Policy(momentum="model")

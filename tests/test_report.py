@@ -106,3 +106,14 @@ def test_uninitialized_lazy_layers():
     assert "uninitialized lazy layer" in r.warnings[0] and r.layers[0].train == "-"
     with pytest.raises(ValueError, match=r"^1: expected a materialized layer"):
         bnctl.report(model, torch.randn(2, 1, 2, 2))
+
+
+def test_forum_setting_2_reports_batch_statistics_in_training_not_updates():
+    """train() + momentum=0 + frozen affine: the statistics stay; batch statistics still normalize."""
+    m = trained()
+    m[1].momentum = 0.0
+    m[1].weight.requires_grad_(False)
+    m[1].bias.requires_grad_(False)
+    text = " | ".join(bnctl.report(m).warnings)
+    assert "momentum=0 keeps the running statistics, but train() still normalizes with batch statistics" in text
+    assert "still update" not in text

@@ -5,7 +5,7 @@ BatchNorm layer and whether its running statistics are updated. bnctl makes
 each of these an explicit, reversible choice per layer: a :class:`Policy`.
 """
 
-from .adapt import TestTimeHandle, prepare_test_time
+from .adapt import BatchNormOnlyHandle, TestTimeHandle, prepare_test_time, train_only_batchnorm
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
 from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
 from .functional import Accumulator, batch_norm
@@ -42,6 +42,7 @@ __all__ = [
     "PRESETS",
     "Policy",
     "PolicyHandle",
+    "BatchNormOnlyHandle",
     "TestTimeHandle",
     "apply",
     "batch_norm",
@@ -60,6 +61,7 @@ __all__ = [
     "restore",
     "revert",
     "snapshot",
+    "train_only_batchnorm",
     "unregister_subclass",
     "using",
 ]

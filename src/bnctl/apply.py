@@ -209,7 +209,7 @@ def apply(
     if not targets:
         found = [display_name(n, m) for n, m in batchnorm_layers(model)]
         raise ValueError(
-            f"expected at least one BatchNorm layer to apply {resolved.name or 'the policy'!r} "
+            f"expected at least one BatchNorm layer to apply {resolved.label!r} "
             f"to, got none (include={include!r}, exclude={exclude!r}). BatchNorm layers in the "
             f"model: {found or 'none'}."
         )
@@ -218,7 +218,7 @@ def apply(
         stale = [display_name(n, m) for n, m in targets if never_updated(*_stats(m))]
         if stale:
             warnings.warn(
-                f"policy {resolved.name or 'custom'!r} normalizes with running statistics that "
+                f"policy {resolved.label!r} normalizes with running statistics that "
                 f"were never updated (running_mean all 0, running_var all 1, "
                 f"num_batches_tracked 0) in {len(stale)} layer(s): {', '.join(stale[:5])}"
                 f"{', ...' if len(stale) > 5 else ''}. Load pretrained weights first, or run "
@@ -368,6 +368,9 @@ def param_groups(
         A list of dicts for ``torch.optim.*(groups)``; the BatchNorm group
         comes first and carries ``"name": "batchnorm"``, the other ``"name": "other"``.
 
+    Raises:
+        ValueError: no parameter is trainable (an optimizer would have nothing to do).
+
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
         >>> groups = param_groups(model, lr=0.1, bn_lr=1e-4)
@@ -389,6 +392,14 @@ def param_groups(
         p for _, layer in batchnorm_layers(model) for p in layer.parameters(recurse=False)
     )
     other = take(model.parameters())
+    if not bn_params and not other:
+        raise ValueError(
+            "expected trainable parameters, got none: every parameter of the model has "
+            "requires_grad=False. A frequent cause is freezing the whole model after applying a "
+            "policy that learns (apply sets requires_grad on BatchNorm's weight and bias; a later "
+            "model.requires_grad_(False) turns it off again). To train only BatchNorm, use "
+            "bnctl.train_only_batchnorm(model)."
+        )
     groups = [
         {"name": "batchnorm", "params": bn_params, "lr": lr if bn_lr is None else bn_lr,
          "weight_decay": bn_weight_decay, **options},

@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = ["CheckpointError", "LayerCheck", "check_checkpoint", "load_state_dict"]
 
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "ema")
 NEAR_ZERO_VAR = 1e-8
 NEAR_ZERO_WEIGHT = 1e-6
@@ -33,7 +34,9 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Load a state dict from ``path`` with ``weights_only=True``.
 
     Accepts a state dict, or a dict holding one under a common key
-    (``"state_dict"``, ``"model"``, ...); strips ``module.`` prefixes (DDP).
+    (``"state_dict"``, ``"model"``, ...); strips prefixes that every key
+    shares from a wrapper: ``module.`` (DDP), ``model.`` (Lightning),
+    ``_orig_mod.`` (``torch.compile``).
 
     Raises:
         CheckpointError: the file is missing, corrupt, holds pickled objects
@@ -60,9 +63,13 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"{path}: expected a state dict (a dict of tensors, possibly under "
             f"{list(_CONTAINER_KEYS)}), got {type(obj).__name__}."
         )
-    prefix = "module."
-    if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
+    stripped = True
+    while state and stripped:  # DDP's "module.", Lightning's "model.", torch.compile's "_orig_mod."
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
 
 
@@ -87,26 +94,29 @@ class LayerCheck:
     channels: int
     num_batches_tracked: int | None
     problems: list[str] = field(default_factory=list)
+    domain: str = "default"
 
 
 def check_checkpoint(state: dict[str, Tensor]) -> list[LayerCheck]:
     """Check every BatchNorm layer (found by its keys) of a state dict.
 
-    Flags: tensors that are not 1-D real floating-point tensors of one
-    length (the rest of the checks are skipped then), statistics never
+    Per-domain statistics (bnctl's ``running_mean__<domain>`` keys) are
+    checked like the default ones. Flags: tensors that are not 1-D real
+    floating-point tensors of one length (the rest of the checks are skipped then), statistics never
     updated (all 0 and 1 with ``num_batches_tracked`` 0 or absent),
     non-finite values, channels with near-zero variance or weight, extreme
     values, a ``num_batches_tracked`` that is not a finite count.
     """
-    prefixes = [k[: -len("running_mean")] for k in state if k.endswith("running_mean")]
     checks = []
-    for p in prefixes:
-        rm, rv = state.get(p + "running_mean"), state.get(p + "running_var")
+    for p, suffix in _layers(state):
+        domain = suffix[2:] or "default"
+        rm, rv = state.get(p + "running_mean" + suffix), state.get(p + "running_var" + suffix)
         if rv is None:
             continue
-        tensors = {k: state[p + k] for k in ("running_mean", "running_var", "weight", "bias") if p + k in state}
-        check = LayerCheck(p.rstrip(".") or "<root>", _channels(rm), None)
-        nbt, nbt_problem = _count(state.get(p + "num_batches_tracked"))
+        tensors = {k: state.get(p + k + suffix, state.get(p + k)) for k in _TENSORS}
+        tensors = {k: t for k, t in tensors.items() if t is not None}
+        check = LayerCheck(p.rstrip(".") or "<root>", _channels(rm), None, domain=domain)
+        nbt, nbt_problem = _count(state.get(p + "num_batches_tracked" + suffix))
         check.num_batches_tracked = nbt
         if nbt_problem:
             check.problems.append(nbt_problem)
@@ -117,6 +127,22 @@ def check_checkpoint(state: dict[str, Tensor]) -> list[LayerCheck]:
             check.problems += _value_problems(tensors, nbt)
         checks.append(check)
     return checks
+
+
+_TENSORS = ("running_mean", "running_var", "weight", "bias")
+
+
+def _layers(state: dict[str, Tensor]) -> list[tuple[str, str]]:
+    """``(prefix, domain suffix)`` of every set of statistics: ``running_mean`` keys, and
+    bnctl's per-domain ``running_mean__<domain>`` keys."""
+    found = []
+    for key in state:
+        head, sep, domain = key.rpartition("running_mean__")
+        if sep and domain.isidentifier():
+            found.append((head, "__" + domain))
+        elif key.endswith("running_mean"):
+            found.append((key[: -len("running_mean")], ""))
+    return found
 
 
 def _channels(t: Any) -> int:

@@ -79,6 +79,8 @@ def _demo(args: argparse.Namespace) -> int:
     print("Part A: a few SGD steps on the digits under each setting; what happened to the first "
           "BatchNorm layer (measured)\n")
     print(demo.format_part_a(result["part_a"]))
+    print()
+    print(demo.format_part_a_notes())
     print(f"\nPart B: domain shift, target and source accuracy after adaptation, mean ± std over "
           f"{cfg.seeds} seeds\n")
     print(demo.format_part_b(result["summary"]))
@@ -111,11 +113,12 @@ def _inspect(args: argparse.Namespace) -> int:
     if not checks:
         print(f"{args.path}: no BatchNorm layers found ({len(state)} tensors)")
         return 0
-    width = max(len("layer"), *(len(c.name) for c in checks))
+    names = [c.name if c.domain == "default" else f"{c.name} [{c.domain}]" for c in checks]
+    width = max(len("layer"), *(len(n) for n in names))
     print(f"{'layer'.ljust(width)}  {'channels':>8}  {'batches':>9}  problems")
-    for c in checks:
+    for name, c in zip(names, checks):
         nbt = "-" if c.num_batches_tracked is None else str(c.num_batches_tracked)
-        print(f"{c.name.ljust(width)}  {c.channels:>8}  {nbt:>9}  {'; '.join(c.problems) or 'ok'}")
+        print(f"{name.ljust(width)}  {c.channels:>8}  {nbt:>9}  {'; '.join(c.problems) or 'ok'}")
     flagged = sum(1 for c in checks if c.problems)
     print(f"{len(checks)} BatchNorm layer(s), {flagged} with problems, {problems} problem(s)")
     return 1 if problems else 0

@@ -200,6 +200,22 @@ def measure_setting(
     }
 
 
+PART_A_COLUMNS: dict[str, str] = {
+    "normalizes with": "statistics the first BatchNorm layer normalized with after the steps, "
+                       "in train() (measured against both)",
+    "running stats changed": "running_mean/running_var differ after the SGD steps",
+    "num_batches_tracked changed": "the batch counter moved (it counts updates, even with momentum 0)",
+    "weight/bias changed": "the affine parameters were trained",
+    "train() == eval()": "eval() normalizes with the same statistics as train()",
+    "survives model.train()": "a trainer loop's model.train() leaves the setting as it was",
+}
+"""One line of explanation per Part A column, printed under the table."""
+
+PART_A_NOTE = (
+    "renorm measures as 'batch': during Batch Renormalization's warm-up (until step 5,000 by default) "
+    "r = 1 and d = 0, which is exactly batch-statistics BatchNorm."
+)
+
 PART_A_SETTINGS: list[tuple[str, Setting]] = [
     ("bn.eval()", forum_eval),
     ("train()+momentum=0+no grad", forum_momentum0),
@@ -412,18 +428,20 @@ def _plot(summary: dict[str, Any], path: Path) -> str | None:
         return None
     targets = list(summary)
     methods = list(summary[targets[0]])
-    fig, ax = plt.subplots(figsize=(14, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5), sharey=True)
     width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        means = [summary[t][m]["target_mean"] * 100 for t in targets]
-        stds = [summary[t][m]["target_std"] * 100 for t in targets]
-        ax.bar([j + i * width for j in range(len(targets))], means, width, yerr=stds, label=m,
-               capsize=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(targets))], targets)
-    ax.set_ylabel("target accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("bnctl demo: digits under domain shift (mean ± std over seeds)")
-    ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1.0), loc="upper left")
+    for ax, which, title in ((axes[0], "target", "target accuracy (adaptation)"),
+                             (axes[1], "source", "source accuracy after adaptation (forgetting)")):
+        for i, m in enumerate(methods):
+            means = [summary[t][m][f"{which}_mean"] * 100 for t in targets]
+            stds = [summary[t][m][f"{which}_std"] * 100 for t in targets]
+            ax.bar([j + i * width for j in range(len(targets))], means, width, yerr=stds, label=m, capsize=2)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(targets))], targets)
+        ax.set_ylim(0, 100)
+        ax.set_title(title)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=8, bbox_to_anchor=(1.01, 1.0), loc="upper left")
+    fig.suptitle("bnctl demo: digits under domain shift (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -442,6 +460,13 @@ def format_part_a(rows: list[dict[str, str]]) -> str:
         lines.append("  ".join(r[c].ljust(w) if i == 0 else r[c].rjust(w)
                                for i, (c, w) in enumerate(zip(cols, widths))))
     return "\n".join(lines)
+
+
+def format_part_a_notes() -> str:
+    """What Part A's columns mean, and why renorm measures as batch."""
+    width = max(len(c) for c in PART_A_COLUMNS)
+    lines = [f"  {c.ljust(width)}  {text}" for c, text in PART_A_COLUMNS.items()]
+    return "\n".join(lines + [f"  {PART_A_NOTE}"])
 
 
 def format_part_b(summary: dict[str, Any]) -> str:

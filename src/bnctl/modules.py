@@ -111,7 +111,12 @@ class _PolicyForward(_BatchNorm):
         return self._bnctl.counts.skipped
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, policy={self._bnctl.policy.name or 'custom'}"
+        # torch's own text, with the momentum the layer's updates actually use
+        text = super().extra_repr()
+        used = self._bnctl.plan(self).train.momentum
+        if used != self.momentum:
+            text = text.replace(f"momentum={self.momentum}", f"momentum={used}", 1)
+        return f"{text}, policy={self._bnctl.policy.label}"
 
 
 def _expected_shape(layer: _BatchNorm) -> str:
@@ -155,7 +160,7 @@ def check_policy(name: str, layer: _BatchNorm, policy: Policy) -> None:
     check_controllable(name, layer)
     if layer.running_mean is None and needs_running_stats(policy):
         raise ValueError(
-            f"{name}: policy {policy.name or 'custom'!r} needs running statistics, but the "
+            f"{name}: policy {policy.label!r} needs running statistics, but the "
             "layer has none (built with track_running_stats=False). Exclude it, or use a "
             "policy that normalizes with batch statistics and updates nothing (e.g. "
             "'test_time')."

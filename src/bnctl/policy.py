@@ -18,6 +18,7 @@ a layer's :class:`Plan` when it is applied, so a forward reads
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Union
@@ -36,6 +37,9 @@ __all__ = [
     "momentum_from_decay",
     "momentum_from_half_life",
 ]
+
+LAYER = "layer"
+"""``Policy.momentum``'s default: use the layer's own ``momentum`` attribute."""
 
 Normalize = Union[Literal["batch", "running", "renorm"], float]
 Update = Literal["none", "ema", "cumulative"]
@@ -100,7 +104,10 @@ class Policy:
             and ``bias`` (``False`` also clears stale ``.grad``); ``None``
             leaves them as they are.
         momentum: EMA momentum in PyTorch's convention (weight of the new
-            batch). ``None`` uses the layer's own ``momentum`` attribute.
+            batch), with PyTorch's meanings: a float in ``[0, 1]``, or
+            ``None`` for a cumulative average over ``num_batches_tracked``.
+            The default, ``"layer"``, uses the layer's own ``momentum``
+            attribute.
         fallback: when a batch has one value per channel and batch
             statistics are needed, normalize that batch with the running
             statistics and update nothing, instead of raising.
@@ -110,7 +117,9 @@ class Policy:
             ``r`` is clipped to ``[1, 1]`` and ``d`` to ``[0, 0]`` until
             ``start``, then the limits grow linearly to ``rmax``/``dmax`` at
             ``end`` (Ioffe 2017 used 5k and 40k steps).
-        name: preset name, for messages and reports.
+        name: preset name, for messages and reports. A policy derived from
+            a preset with :func:`dataclasses.replace` keeps the name but
+            displays the fields it changed (see :attr:`label`).
 
     Raises:
         ValueError: if a field has a value outside the ones listed above.
@@ -129,7 +138,7 @@ class Policy:
     eval_normalize: Normalize = "running"
     eval_update: Update = "none"
     learn_affine: bool | None = None
-    momentum: float | None = None
+    momentum: float | None | Literal["layer"] = "layer"
     fallback: bool = False
     rmax: float = 3.0
     dmax: float = 5.0
@@ -145,15 +154,16 @@ class Policy:
             raise ValueError(
                 f"Policy.learn_affine: expected True, False or None, got {self.learn_affine!r}."
             )
-        if self.momentum is not None and (
+        if self.momentum not in (None, LAYER) and (
             isinstance(self.momentum, bool)
             or not isinstance(self.momentum, (int, float))
             or not 0.0 <= self.momentum <= 1.0
         ):
             raise ValueError(
                 f"Policy.momentum: expected a float in [0, 1] in PyTorch's convention "
-                f"(weight of the new batch) or None, got {self.momentum!r}. For a Keras/Flax "
-                "decay such as 0.99 use bnctl.momentum_from_decay(0.99)."
+                f"(weight of the new batch), None (cumulative average) or {LAYER!r} (the layer's "
+                f"own), got {self.momentum!r}. For a Keras/Flax decay such as 0.99 use "
+                "bnctl.momentum_from_decay(0.99)."
             )
         if not (isinstance(self.rmax, (int, float)) and self.rmax >= 1.0):
             raise ValueError(f"Policy.rmax: expected a number >= 1, got {self.rmax!r}.")
@@ -187,10 +197,30 @@ class Policy:
         """Whether the policy ever normalizes with the running statistics."""
         return self.train_normalize != "batch" or self.eval_normalize != "batch"
 
+    @property
+    def label(self) -> str:
+        """How the policy displays: its name, plus the fields that differ from the preset of that
+        name (so a modified preset never displays as the preset); ``"custom"`` without a name.
+
+        Example:
+            >>> dataclasses.replace(PRESETS["running_update"], momentum=0.001).label
+            'running_update(momentum=0.001)'
+        """
+        if self.name is None:
+            return "custom"
+        preset = PRESETS.get(self.name)
+        if preset is None or preset is self:
+            return self.name
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name != "name" and getattr(self, f.name) != getattr(preset, f.name)
+        ]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
     def __str__(self) -> str:
-        label = self.name or "custom"
         return (
-            f"{label} (train: {self.train_normalize}/{self.train_update}, "
+            f"{self.label} (train: {self.train_normalize}/{self.train_update}, "
             f"eval: {self.eval_normalize}/{self.eval_update}, learn_affine={self.learn_affine})"
         )
 
@@ -335,7 +365,8 @@ class Plan(NamedTuple):
 def make_plan(
     policy: Policy, *, momentum: float | None, track_running_stats: bool, has_running_stats: bool
 ) -> Plan:
-    """Resolve ``policy`` for a layer with these attributes (``momentum`` is the layer's own).
+    """Resolve ``policy`` for a layer with these attributes (``momentum`` is the layer's own; the
+    policy's replaces it unless it is ``"layer"``).
 
     Example:
         >>> plan = make_plan(PRESETS["renorm"], momentum=0.1, track_running_stats=True,
@@ -343,7 +374,7 @@ def make_plan(
         >>> plan[True].normalize, plan[True].renorm, plan[False].update
         ('renorm', (3.0, 5.0, (5000, 40000)), 'none')
     """
-    effective = momentum if policy.momentum is None else policy.momentum
+    effective = momentum if policy.momentum == LAYER else policy.momentum
     renorm = (policy.rmax, policy.dmax, policy.renorm_warmup)
 
     def step(training: bool) -> Step:

@@ -107,7 +107,14 @@ def _affine_text(layer: _BatchNorm) -> str:
 def _traps(layer: _BatchNorm) -> list[str]:
     found = []
     plan = layer_plan(layer)
-    if _affine_text(layer) == "frozen" and plan.train.update != "none":
+    frozen_ema = plan.train.update == "ema" and plan.train.momentum == 0
+    if frozen_ema and plan.train.normalize != "running":
+        found.append(
+            "momentum=0 keeps the running statistics, but train() still normalizes with batch "
+            "statistics (and counts batches in num_batches_tracked); for running statistics in "
+            "train() use the 'frozen' or 'frozen_stats' preset"
+        )
+    elif _affine_text(layer) == "frozen" and plan.train.update != "none" and not frozen_ema:
         found.append(
             "weight/bias have requires_grad=False but the running statistics still update in "
             "train(); use the 'frozen' preset to freeze both"
@@ -190,7 +197,7 @@ def report(
 
 def _row(name: str, layer: _BatchNorm) -> LayerReport:
     row = LayerReport(
-        name=name, cls=type(layer).__name__, policy=layer_policy(layer).name or "custom",
+        name=name, cls=type(layer).__name__, policy=layer_policy(layer).label,
         train="-", eval="-", affine="-", momentum=layer.momentum, eps=layer.eps, num_batches_tracked=None,
         skipped_updates=getattr(layer, "skipped_updates", 0), domains=domains(layer),
     )

@@ -17,6 +17,9 @@ Domains: domain ``d`` is a set of tensors named ``running_mean__d``,
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import warnings
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -306,7 +309,7 @@ class LayerState:
             pool = _inference_safe(pools.kind.empty, layer.num_features, observed.mean.device)
             pools.by_domain[domain] = pool
         pools.updates[domain] = (forward.step.update, forward.step.momentum)
-        self.count(copy_if_finite_(pool.tensors, torch.cat(pool.merged(observed)), None))
+        self.count(copy_if_finite_(pool.tensors, torch.cat(pool.merged(observed)), None), observed=observed)
 
     def write(
         self, domain: str, tensors: LayerTensors, update: str, momentum: float | None, observed: Observed
@@ -324,19 +327,47 @@ class LayerState:
             momentum, accumulator,
         )
         ok = copy_if_finite_(targets, values, tensors.num_batches_tracked)
-        self.count(ok)
+        self.count(ok, tensors, observed)
         return ok
 
-    def count(self, ok: Status) -> None:
-        """Record the outcome of an attempted write (and warn at once on the CPU when skipped)."""
+    def count(self, ok: Status, tensors: LayerTensors | None = None, observed: Observed | None = None) -> None:
+        """Record the outcome of an attempted write; on the CPU, warn about skips.
+
+        A layer warns at its first skip, with the likely cause, and then
+        only at its 10th, 100th, 1000th... skip (``skipped_updates`` and
+        :func:`bnctl.report` have the count), from the user's line of code.
+        """
         self.counts.add(ok)
-        if ok is False:
-            warnings.warn(
-                f"{self.name}: skipped the running-statistics update of this batch "
-                "(non-finite or undefined batch statistics, or non-finite running statistics); "
-                "running_mean, running_var and num_batches_tracked are unchanged "
-                f"({self.counts.skipped} skipped so far). Check the input and the "
-                "preceding layers for overflow, and the buffers with bnctl.report(model).",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        skipped = self.counts.skipped if ok is False else 0
+        if skipped and math.log10(skipped).is_integer():
+            warn_in_user_code(_skip_message(self.name, skipped, tensors, observed), RuntimeWarning)
+
+
+def _skip_message(name: str, skipped: int, tensors: LayerTensors | None, observed: Observed | None) -> str:
+    running = [t for t in (tensors or LayerTensors(None, None, None, None, None))[:2] if t is not None]
+    if any(not bool(torch.isfinite(t).all()) for t in running):
+        cause = ("its running statistics are already non-finite (a damaged checkpoint, or values written "
+                 "without bnctl), so nothing can be averaged into them: rebuild them with "
+                 "bnctl.recalibrate(model, data)")
+    elif isinstance(observed, BatchStats) and observed.n == 1:
+        cause = "the batch has one value per channel, so no unbiased variance"
+    else:
+        cause = ("the batch statistics are non-finite: the layer's input holds NaN/Inf or overflows; batch "
+                 "after batch this usually means the model is diverging (lower the learning rate or the "
+                 "momentum, check mixed-precision scaling), once it usually means bad input data")
+    if skipped == 1:
+        return (f"{name}: skipped a running-statistics update because {cause}. running_mean, running_var "
+                "and num_batches_tracked are unchanged. Further skips of this layer warn at the 10th, "
+                "100th, ... (layer.skipped_updates and bnctl.report(model) count them all).")
+    return f"{name}: {skipped} running-statistics updates skipped so far; the latest because {cause}."
+
+
+_QUIET = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def warn_in_user_code(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside bnctl and torch."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_QUIET):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
