@@ -196,3 +196,11 @@ class FrozenBatchNorm2d(nn.Module):
         for k, v in [("weight", torch.ones(n)), ("bias", torch.zeros(n)),
                      ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n))]:
             self.register_buffer(k, v)
+
+
+class BatchNormAct1d(nn.BatchNorm1d):
+    """BatchNormAct2d's 1-d twin: computes BatchNorm itself, then an activation."""
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                       self.training, self.momentum, self.eps))

@@ -159,3 +159,15 @@ def test_recalibrate_a_domain_reaches_only_layers_that_have_it():
     assert all(torch.equal(after[k], v) for k, v in before.items() if not k.endswith("__target"))
     with pytest.raises(ValueError, match="Known domains"):
         bnctl.recalibrate(model, [data(8)], domain="night")
+
+
+def test_a_checkpoint_from_before_num_batches_tracked_loads_strictly():
+    """Version-1 BatchNorm state dicts (no num_batches_tracked) load as in torch, domains included."""
+    plain = make_model()
+    old = plain.state_dict()
+    for key in [k for k in old if k.endswith("num_batches_tracked")]:
+        del old[key]
+    old._metadata = {k: {"version": 1} for k in ("1", "5")}
+    model = model_with_domains()
+    model.load_state_dict(old, strict=True)
+    assert torch.equal(model[1].running_mean__target, plain[1].running_mean)

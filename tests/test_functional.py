@@ -133,9 +133,9 @@ def test_step_for_batch_rules():
     with pytest.raises(ValueError, match=r"^bn: expected more than 1 value per channel"):
         step_for_batch(step, torch.randn(1, 3), 1e-5, True, "bn")
     assert step_for_batch(step._replace(fallback=True), torch.randn(1, 3), 1e-5, True, "bn")[:2] == ("running", "none")
-    with pytest.raises(ValueError, match=r"^bn: expected eps > 0"):
-        step_for_batch(step, torch.randn(4, 3), 0.0, True, "bn")
-    assert step_for_batch(Step("running", "none"), torch.randn(4, 3), 0.0, True, "bn").normalize == "running"
+    for bad in (step, Step("running", "none")):
+        with pytest.raises(ValueError, match=r"^bn: expected eps > 0"):
+            step_for_batch(bad, torch.randn(4, 3), 0.0, True, "bn")
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
@@ -214,16 +214,28 @@ def test_running_forward_equals_torch_eval_bitwise():
     assert torch.equal(y, torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5))
 
 
-def test_running_statistics_reach_autograd_only_as_copies():
-    """An in-place update of the buffers after a forward never invalidates its graph."""
+@pytest.mark.parametrize("guard", GUARDS, ids=["host", "device"])
+def test_writes_never_invalidate_a_graph_that_saved_the_buffers(guard):
+    """As PyTorch's kernel: no version bump, so an earlier graph's backward still runs."""
+    x, rm, rv, w, b = make_inputs((4, 3, 2, 2))
+    y = normalize(x, "running", rm, rv, w, b, 1e-5)  # saves the buffers, as torch's eval mode does
+    guard([rm, rv], torch.cat([rm + 1, rv * 2]), None)
+    y.backward(torch.randn_like(y))
+
+
+def test_a_forward_that_updates_next_gives_autograd_copies():
+    """SPEC 3: normalizing with the statistics and updating them in one forward: backward uses
+    the values from before the update."""
     x, rm, rv, w, b = make_inputs((4, 3, 2, 2))
     for how in ("running", "renorm", 0.4):
-        y = normalize(x, how, rm, rv, w, b, 1e-5)
-        rm.add_(1.0), rv.mul_(2.0)
-        y.backward(torch.randn_like(y))
-    y, _ = normalize_and_observe(x, "batch", rm, rv, w, b, 1e-5, ema_weight=0.1)
-    rm.add_(1.0)
-    y.backward(torch.randn_like(y))
+        before = (rm.clone(), rv.clone())
+        y, _ = normalize_and_observe(x, how, rm, rv, w, b, 1e-5, limits=RENORM_LIMITS)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, w), g)
+        rm.add_(1.0), rv.mul_(2.0)  # even an in-place update that bumps the version
+        y2, _ = normalize_and_observe(x, how, *before, w, b, 1e-5, limits=RENORM_LIMITS)
+        for a, e in zip(got, torch.autograd.grad(y2, (x, w), g)):
+            torch.testing.assert_close(a, e)
 
 
 def test_observe_batch_with_ema_weight_is_torchs_kernel():

@@ -481,7 +481,8 @@ def test_eps_zero_names_the_layer():
     with pytest.raises(ValueError, match=r"^1: expected eps > 0"):
         model(torch.randn(4, 4))
     bnctl.apply(model, "frozen")
-    model(torch.randn(4, 4))  # running statistics: eps=0 is PyTorch's business, as in eval()
+    with pytest.raises(ValueError, match=r"^1: expected eps > 0"):
+        model(torch.randn(4, 4))  # recent PyTorch refuses eps=0 in eval() too; bnctl names the layer
 
 
 def test_repr_shows_the_momentum_the_layer_uses_and_the_modified_policy():
@@ -516,3 +517,20 @@ def test_skipped_updates_warn_once_per_layer_from_the_users_line():
     assert len(messages) == 2  # the first skip, then the 10th
     assert "non-finite" in messages[0] and "diverging" in messages[0] and "10 running-statistics" in messages[1]
     assert all(w.filename == __file__ for w in caught)
+
+
+def test_skips_counted_on_a_device_are_reported_when_bnctl_lets_go():
+    bn = nn.BatchNorm1d(3)
+    with pytest.warns(RuntimeWarning, match="1 running-statistics update") as caught:
+        with bnctl.no_update(bn):
+            bn._bnctl.count(torch.tensor(False))  # what a device forward records, without a host sync
+    assert caught[0].filename == __file__ and type(bn) is nn.BatchNorm1d
+
+
+def test_sync_batchnorm_subclass_refusal_says_why():
+    class SyncAct(nn.SyncBatchNorm):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    with pytest.raises(TypeError, match="reaches torch's own SyncBatchNorm.forward.*register_subclass"):
+        bnctl.apply(SyncAct(3), "frozen")

@@ -110,15 +110,31 @@ def test_write_counts_and_the_cumulative_accumulator_is_per_domain():
 def test_tape_records_the_statistics_a_forward_normalized_with():
     bn, state = controlled("running_update")
     bn.train()
-    state.tape = Tape()
+    tape = Tape()
+    state.tapes.append(tape)
     before = bn.running_mean.clone()
     bn(torch.randn(4, 3, 2, 2))
+    state.tapes.remove(tape)
     assert not torch.equal(bn.running_mean, before)  # the forward updated the buffers...
-    state.replaying = True
-    replayed = state.begin(bn, torch.randn(4, 3, 2, 2))
-    assert torch.equal(replayed.tensors.running_mean, before)  # ...the replay sees them as they were
+    state.replay = tape
+    for _ in range(2):  # a recomputation may run twice (retain_graph=True): each starts again
+        tape.rewind()
+        replayed = state.begin(bn, torch.randn(4, 3, 2, 2))
+        assert torch.equal(replayed.tensors.running_mean, before)  # ...the replay sees them as they were
     with pytest.raises(RuntimeError, match="recomputation ran this layer more often"):
         state.begin(bn, torch.randn(4, 3, 2, 2))
+
+
+def test_a_policy_applied_and_removed_keeps_the_cumulative_average_under_it():
+    bn = nn.BatchNorm1d(2)
+    bnctl.apply(bn, "recalibrate")
+    xs = [torch.randn(8, 2) + i for i in range(4)]
+    for x in xs[:3]:
+        bn(x)
+    with bnctl.using(bn, "frozen"):
+        bn(xs[0])
+    bn(xs[3])
+    torch.testing.assert_close(bn.running_mean, torch.cat(xs).mean(0))
 
 
 def test_update_counts_on_device_flags():

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import bnctl
-from conftest import BatchNormAct2d, data, make_model
+from conftest import BatchNormAct1d, BatchNormAct2d, data, make_model
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -211,3 +211,91 @@ def test_snapshot_of_uninitialized_lazy_layer_names_it():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.LazyBatchNorm2d())
     with pytest.raises(ValueError, match=r"^1: expected a materialized layer"):
         bnctl.snapshot(model)
+
+
+@pytest.mark.parametrize("policy", ["torch", "running_update"])
+def test_nested_checkpoints_update_once_with_exact_gradients(policy):
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double().train()
+    outer_bn = nn.BatchNorm1d(4).double().train()
+    both = nn.ModuleList([inner, outer_bn])
+    with torch.no_grad():
+        for bn in (inner[1], outer_bn):
+            bn.running_mean.uniform_(-2, 2)
+    bnctl.apply(both, policy)
+    plain = copy.deepcopy(both)
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(8, 4, dtype=torch.float64)
+
+    def outer_fn(t):
+        return outer_bn(checkpoint(inner, t, use_reentrant=False, context_fn=bnctl.checkpoint_context(inner)))
+
+    checkpoint(outer_fn, x, use_reentrant=False, context_fn=bnctl.checkpoint_context(both)).backward(g)
+    xp = x.detach().clone().requires_grad_()
+    plain[1](plain[0](xp)).backward(g)
+    assert int(inner[1].num_batches_tracked) == 1 and int(outer_bn.num_batches_tracked) == 1
+    torch.testing.assert_close(x.grad, xp.grad, rtol=1e-12, atol=1e-12)
+    for a, b in zip(both.state_dict().values(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoint_recomputation_can_run_twice():
+    block = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+    bnctl.apply(block, "running_update")
+    x = torch.randn(8, 4, requires_grad=True)
+    y = checkpoint(block, x, use_reentrant=False, context_fn=bnctl.checkpoint_context(block))
+    g = torch.randn(8, 4)
+    y.backward(g, retain_graph=True)
+    first = x.grad.clone()
+    y.backward(g)
+    torch.testing.assert_close(x.grad, 2 * first)
+    assert int(block[1].num_batches_tracked) == 1
+
+
+def test_recalibrate_inside_accumulate_keeps_the_block():
+    bn = nn.BatchNorm1d(3).train()
+    x0, x1 = torch.randn(8, 3), torch.randn(8, 3)
+    with bnctl.accumulate(bn):
+        bn(x0)
+        bnctl.recalibrate(bn, [torch.randn(8, 3) + 5])
+        assert int(bn.num_batches_tracked) == 1  # the recalibration, written explicitly
+        bn(x1)
+        assert int(bn.num_batches_tracked) == 1  # pooled, as before it
+    assert int(bn.num_batches_tracked) == 2 and type(bn) is nn.BatchNorm1d
+
+
+def test_recalibrate_inside_no_update_is_an_explicit_write():
+    model = make_model().train()
+    with bnctl.no_update(model):
+        assert bnctl.recalibrate(model, [data(8)]) == ["1", "5"]
+        model(data(8))
+    assert int(model[1].num_batches_tracked) == 1  # the recalibration only
+
+
+def test_revert_inside_accumulate_commits_nothing_into_the_plain_layer():
+    bn = nn.BatchNorm1d(3).train()
+    with bnctl.accumulate(bn):
+        bn(torch.randn(8, 3))
+        bnctl.revert(bn)
+    assert int(bn.num_batches_tracked) == 0 and type(bn) is nn.BatchNorm1d
+
+
+def test_copies_made_inside_a_scope_are_plain_when_only_the_scope_held_the_layer(tmp_path):
+    model = make_model().train()
+    with bnctl.no_update(model), bnctl.accumulate(model):
+        twin = copy.deepcopy(model)
+        torch.save(model, tmp_path / "m.pt")
+    assert type(twin[1]) is nn.BatchNorm2d and "_bnctl" not in twin[1].__dict__
+    assert type(torch.load(tmp_path / "m.pt", weights_only=False)[1]) is nn.BatchNorm2d
+    twin(data(8))
+    assert int(twin[1].num_batches_tracked) == 1
+
+
+def test_unchanged_restores_each_layer_its_own_buffers():
+    """A lazy layer materialized by the forward must not shift which saved buffers go where."""
+    model = nn.Sequential(nn.LazyBatchNorm1d(), BatchNormAct1d(3), nn.BatchNorm1d(3)).train()
+    with torch.no_grad():
+        model[1].running_mean.fill_(7.0)
+    bnctl.recalibrate(model, [torch.randn(8, 3)], layers="2")
+    assert torch.equal(model[1].running_mean, torch.full((3,), 7.0)) and int(model[1].num_batches_tracked) == 0
+    assert not torch.equal(model[0].running_mean, torch.full((3,), 7.0))

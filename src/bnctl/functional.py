@@ -113,11 +113,12 @@ def step_for_batch(step: Step, x: Tensor, eps: float, has_running_stats: bool, l
       normalizes with the running statistics and updates nothing. (With
       running normalization an update is still attempted: its unbiased
       variance is undefined, so the guard skips it and the skip is counted.)
-    * Batch statistics need ``eps > 0`` (PyTorch's rule, with the layer named).
+    * ``eps`` must be positive (recent PyTorch refuses anything else; here
+      the error names the layer).
 
     Raises:
         ValueError: one value per channel where batch statistics are needed,
-            or ``eps <= 0`` with batch statistics.
+            or ``eps <= 0``.
     """
     n = values_per_channel(x)
     if n == 0:
@@ -127,33 +128,23 @@ def step_for_batch(step: Step, x: Tensor, eps: float, has_running_stats: bool, l
         if not (step.fallback and has_running_stats):
             raise _one_value_error(x, layer)
         step = step._replace(normalize="running", update="none")
-    if step.normalize != "running" and not eps > 0:
+    if not eps > 0:
         raise ValueError(
-            f"{layer}: expected eps > 0 to normalize with batch statistics, got eps={eps!r}. Set the "
-            "layer's eps to a small positive number (PyTorch's default is 1e-5)."
+            f"{layer}: expected eps > 0, got eps={eps!r}. Set the layer's eps to a small positive "
+            "number (PyTorch's default is 1e-5)."
         )
     return step
 
 
-def _constants(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor
-               ) -> tuple[Tensor, Tensor]:
-    """``mean``/``var`` for a kernel that autograd may save them for: one copy of both when a
-    graph is built, so later in-place updates of the buffers never invalidate (or, as in
-    PyTorch, silently change) what that graph's backward reads."""
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
-        return torch.stack([mean, var]).unbind()
-    return mean, var
-
-
 def _running(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-             eps: float) -> Tensor:
-    # PyTorch's eval kernel, forward and backward (measured faster on the CPU than a
-    # scale-and-shift formulation, see benchmarks/).
-    return F.batch_norm(x, *_constants(x, weight, bias, mean, var), weight, bias, False, 0.0, eps)
+             eps: float, *, updated_next: bool = False) -> Tensor:
+    """PyTorch's eval kernel, forward and backward (measured faster on the CPU than a
+    scale-and-shift formulation, see benchmarks/). With ``updated_next`` (this forward updates
+    the statistics right after), autograd gets one copy of both, so backward uses the values
+    from before the update (SPEC section 3)."""
+    if updated_next and torch.is_grad_enabled():
+        mean, var = torch.stack([mean, var]).unbind()
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
 
 def renorm_limits(
@@ -225,8 +216,8 @@ def normalize(
 
     ``how`` is ``"batch"``, ``"running"``, ``"renorm"`` (with ``limits``
     ``(r_max, d_max)``) or a blend weight. Nothing is observed or updated;
-    the running statistics are constants (copied when a graph may be built,
-    so the buffers may be updated before backward).
+    the running statistics are constants, given to PyTorch's kernel as they
+    are (as ``torch.nn.BatchNorm*d`` in eval() does).
     """
     if how == "batch":
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
@@ -253,8 +244,8 @@ def normalize_and_observe(
     ``how="batch"`` and an ``ema_weight`` is given, the new EMA running values
     ``[mean; var]`` as a ``(2, C)`` tensor computed by PyTorch's own training
     kernel (bit-identical to ``torch.nn.BatchNorm*d``). The running statistics
-    are only read (and only their copies reach autograd); their dtype is the
-    dtype of the observed statistics.
+    are only read, and only copies of them reach autograd (the caller updates
+    them next); their dtype is the dtype of the observed statistics.
     """
     if how == "batch":
         if ema_weight is not None:
@@ -267,7 +258,7 @@ def normalize_and_observe(
         n = values_per_channel(x)
         return out, BatchStats(mean_b, var_b * ((n - 1) / n), n)
     if how == "running":
-        return _running(x, running_mean, running_var, weight, bias, eps), batch_stats(x)
+        return _running(x, running_mean, running_var, weight, bias, eps, updated_next=True), batch_stats(x)
     if how == "renorm":
         stats = batch_stats(x)
         return _renorm(x, stats, running_mean, running_var, weight, bias, eps, limits), stats
@@ -433,6 +424,11 @@ def copy_if_finite_(targets: list[Tensor], values: Tensor, num_batches_tracked: 
     enough to overflow float64 count as non-finite too). On the CPU the
     check branches in Python (free there); on other devices it is a masked
     copy, so no forward waits for the device.
+
+    ``targets`` are written as PyTorch's own BatchNorm kernel writes its
+    running statistics: without an autograd version bump, so a graph that
+    saved them (an earlier eval-mode forward) keeps working and, as in
+    PyTorch, reads the new values in its backward.
     """
     with torch.no_grad():
         if targets[0].device.type == "cpu":
@@ -444,7 +440,7 @@ def _copy_if_finite_host(targets: list[Tensor], values: Tensor, num_batches_trac
     ok = math.isfinite(float(values.sum(dtype=torch.float64)))
     if ok:
         for target, new in zip(targets, values.split([t.numel() for t in targets])):
-            target.copy_(new.view_as(target))
+            target.data.copy_(new.view_as(target))
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
     return ok
@@ -455,6 +451,7 @@ def _copy_if_finite_device(targets: list[Tensor], values: Tensor, num_batches_tr
     current = torch.cat([t.reshape(-1).to(values.dtype) for t in targets])
     merged = torch.where(flag, values, current)
     news = [m.view_as(t) for m, t in zip(merged.split([t.numel() for t in targets]), targets)]
+    targets = [t.data for t in targets]
     foreach_copy = getattr(torch, "_foreach_copy_", None)  # one fused call where torch has it (>= 2.2)
     if foreach_copy is not None:
         foreach_copy(targets, news)

@@ -23,7 +23,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .functional import normalize, normalize_and_observe
 from .policy import TORCH, Plan, Policy, get_policy, make_plan, needs_running_stats
-from .state import AFFINE, STATS, LayerState, domain_key, domains
+from .state import AFFINE, STATS, LayerState, domain_key, domains, warn_in_user_code
 
 __all__ = [
     "BatchNorm1d",
@@ -84,17 +84,30 @@ class _PolicyForward(_BatchNorm):
                 "channels-first data: (N, C, ...))."
             )
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              *args: Any) -> None:
         # A checkpoint without a domain's keys (a plain one) initializes that domain from the
         # canonical values, so strict loading works; as FrozenBatchNorm2d handles its own keys.
+        # A checkpoint from before num_batches_tracked existed (version < 2) keeps each domain's
+        # counter, as torch keeps the canonical one.
+        old = local_metadata.get("version", None) is None or local_metadata["version"] < 2
         for name in domains(self)[1:]:
             for base in STATS + AFFINE:
-                key = prefix + domain_key(base, name)
-                if key not in state_dict and prefix + base in state_dict and hasattr(self, key[len(prefix):]):
-                    state_dict[key] = state_dict[prefix + base]
-        super()._load_from_state_dict(state_dict, prefix, *args)
+                attr = domain_key(base, name)
+                if prefix + attr in state_dict or not hasattr(self, attr):
+                    continue
+                if prefix + base in state_dict:
+                    state_dict[prefix + attr] = state_dict[prefix + base]
+                elif base == "num_batches_tracked" and old and self.track_running_stats:
+                    state_dict[prefix + attr] = getattr(self, attr)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
+        state = self._bnctl
+        if not (state.builtin or state.policies or len(domains(self)) > 1):
+            # held only by scopes of the original (no_update, accumulate, ...): a copy is plain
+            plain = {k: v for k, v in self.__dict__.items() if k != "_bnctl"}
+            return (object.__new__, (state.origin,), plain)
         origin = type(self).__dict__.get("_bnctl_origin")
         if origin is None:  # a static class: pickled by reference, as any module
             return super().__reduce_ex__(protocol)
@@ -225,12 +238,22 @@ def revert_layer(layer: _BatchNorm) -> None:
 
 
 def release(layer: _BatchNorm) -> None:
-    """Give a layer bnctl took over its class back once nothing holds it (no policy, scope or domain)."""
+    """Give a layer bnctl took over its class back once nothing holds it (no policy, scope or domain).
+
+    Skips counted on a device (never warned, to spare a host sync per forward) are reported then.
+    """
     state: LayerState | None = layer.__dict__.get("_bnctl")
     if state is None or state.builtin or state.policies or state.holds or len(domains(layer)) > 1:
         return
     layer.__class__ = state.origin
     del layer.__dict__["_bnctl"]
+    if isinstance(state.counts.applied, Tensor) and state.counts.skipped:
+        warn_in_user_code(
+            f"{state.name}: {state.counts.skipped} running-statistics update(s) were skipped for non-finite "
+            "statistics while bnctl controlled this layer; running_mean, running_var and "
+            "num_batches_tracked kept their values then.",
+            RuntimeWarning,
+        )
 
 
 def layer_policy(layer: _BatchNorm) -> Policy:
@@ -353,7 +376,7 @@ def policy_class(cls: type, name: str = "layer") -> type:
         attrs["forward"] = forward
     elif issubclass(cls, nn.SyncBatchNorm):
         if overrides:
-            raise _refusal(cls, name)
+            raise _refusal(cls, name, sync=True)
         attrs["forward"] = _sync_forward
     elif not all(_calls_super_forward(vars(k)["forward"]) for k in overrides):
         raise _refusal(cls, name)
@@ -368,13 +391,18 @@ def _new_controlled(origin: type) -> nn.Module:
     return cls.__new__(cls)
 
 
-def _refusal(cls: type, name: str) -> TypeError:
+def _refusal(cls: type, name: str, sync: bool = False) -> TypeError:
+    if sync:  # torch's SyncBatchNorm.forward sits between such a forward and bnctl's
+        why = ("overrides forward(), and a SyncBatchNorm subclass's forward reaches torch's own "
+               "SyncBatchNorm.forward, which bnctl cannot replace without dropping what that forward adds")
+        fixes = ""
+    else:
+        why = ("overrides forward() without calling super().forward(), so bnctl cannot choose its "
+               "statistics without dropping what that forward adds")
+        fixes = "call super().forward(x) inside it, or "
     return TypeError(
-        f"{name}: {cls.__module__}.{cls.__qualname__} overrides forward() without calling "
-        "super().forward(), so bnctl cannot choose its statistics without dropping what that "
-        "forward adds. Fixes: call super().forward(x) inside it, or register the extra steps "
-        "with bnctl.register_subclass(cls, after=lambda layer, y: ...), or leave the layer out "
-        "with exclude=..."
+        f"{name}: {cls.__module__}.{cls.__qualname__} {why}. Fixes: {fixes}register the extra steps with "
+        "bnctl.register_subclass(cls, after=lambda layer, y: ...), or leave the layer out with exclude=..."
     )
 
 

@@ -167,7 +167,7 @@ def recalibrate(
         with contextlib.ExitStack() as stack:
             stack.enter_context(unchanged(others))
             stack.enter_context(using_layers(targets, PASS))
-            states = stack.enter_context(pooling(targets, _ESTIMATORS[estimator]))
+            states = stack.enter_context(pooling(targets, _ESTIMATORS[estimator], explicit=True))
             if domain is not None:
                 stack.enter_context(domain_scope(model, domain))
             stack.enter_context(torch.no_grad())

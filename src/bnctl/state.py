@@ -17,11 +17,12 @@ Domains: domain ``d`` is a set of tensors named ``running_mean__d``,
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import warnings
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -165,11 +166,36 @@ class Tape:
     """What the first forward of an activation-checkpointed region used, per layer (by id), in order.
 
     Its recomputation replays those :class:`Forward` records (the running
-    statistics as they were then, the same mode) and writes nothing.
+    statistics as they were then, the same mode) and writes nothing. A
+    recomputation may run more than once (``retain_graph=True``): each one
+    starts again from the first record (:meth:`rewind`).
     """
 
     def __init__(self) -> None:
-        self.records: dict[int, deque[Forward]] = defaultdict(deque)
+        self.records: dict[int, list[Forward]] = defaultdict(list)
+        self.cursor: dict[int, int] = defaultdict(int)
+
+    def rewind(self) -> None:
+        self.cursor.clear()
+
+    def next(self, layer: nn.Module, name: str) -> Forward:
+        records, position = self.records.get(id(layer), []), self.cursor[id(layer)]
+        if position >= len(records):
+            raise RuntimeError(
+                f"{name}: the activation checkpoint's recomputation ran this layer more often than "
+                "the first forward did. Recompute the same function on the same inputs."
+            )
+        self.cursor[id(layer)] = position + 1
+        return records[position]
+
+
+@dataclass
+class Applied:
+    """One policy on a layer's stack, with the cumulative averages it has built (per domain)."""
+
+    token: object
+    policy: Policy
+    accumulators: dict[str, Accumulator] = field(default_factory=dict)
 
 
 def _inference_safe(make: Any, *args: Any) -> Any:
@@ -195,14 +221,14 @@ class LayerState:
     requires_grad: dict[str, bool]
     base: Policy = TORCH
     builtin: bool = False
-    policies: list[tuple[object, Policy]] = field(default_factory=list)
+    policies: list[Applied] = field(default_factory=list)
     holds: int = 0
     no_update: int = 0
     domain: str = DEFAULT
     pools: Pools | None = None
-    tape: Tape | None = None
-    replaying: bool = False
-    accumulators: dict[str, Accumulator] = field(default_factory=dict)
+    tapes: list[Tape] = field(default_factory=list)
+    replay: Tape | None = None
+    base_accumulators: dict[str, Accumulator] = field(default_factory=dict)
     counts: UpdateCounts = field(default_factory=UpdateCounts)
     _plan: tuple[tuple[Any, ...], Plan] | None = field(default=None, repr=False)
 
@@ -210,7 +236,7 @@ class LayerState:
         """Copies and pickles keep policies, accumulators and counts, but not the scopes the
         original is in (those end with the original's ``with`` blocks)."""
         state = dict(self.__dict__)
-        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tape=None, replaying=False, _plan=None)
+        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tapes=[], replay=None, _plan=None)
         return state
 
     # -- policy ----------------------------------------------------------------------------
@@ -218,20 +244,24 @@ class LayerState:
     @property
     def policy(self) -> Policy:
         """The policy the layer follows now: the last one applied, else the base."""
-        return self.policies[-1][1] if self.policies else self.base
+        return self.policies[-1].policy if self.policies else self.base
+
+    @property
+    def accumulators(self) -> dict[str, Accumulator]:
+        """The cumulative averages of the current policy, per domain: a policy applied starts its
+        own, and removing it brings back those of the policy under it."""
+        return self.policies[-1].accumulators if self.policies else self.base_accumulators
 
     def push(self, token: object, policy: Policy) -> None:
-        self.policies.append((token, policy))
-        self.accumulators.clear()  # a new policy starts a fresh cumulative average
+        self.policies.append(Applied(token, policy))
 
     def pop(self, token: object) -> None:
         self.require_top(token)
         self.policies.pop()
-        self.accumulators.clear()
 
     def require_top(self, token: object) -> None:
         """Raise unless ``token``'s policy is the last one applied (handles are removed LIFO)."""
-        if not self.policies or self.policies[-1][0] is not token:
+        if not self.policies or self.policies[-1].token is not token:
             raise RuntimeError(
                 f"{self.name}: expected the policy this handle applied, found another one. Remove "
                 "handles in reverse order of application (or use bnctl.using as a context manager)."
@@ -258,9 +288,14 @@ class LayerState:
 
         Under an activation checkpoint's recomputation it is what the first
         forward did (recorded then); under ``no_update`` nothing is updated.
+        Every checkpoint region the forward runs in records it (nested ones too).
         """
-        if self.replaying:
-            return self._replay(layer)
+        forward = self.replay.next(layer, self.name) if self.replay is not None else self._decide(layer, x)
+        for tape in self.tapes:
+            self._record(tape, layer, forward)
+        return forward
+
+    def _decide(self, layer: nn.Module, x: Tensor) -> Forward:
         tensors = self.tensors(layer)
         step = self.plan(layer)[layer.training]
         step = step_for_batch(step, x, layer.eps, tensors.running_mean is not None, self.name)
@@ -272,30 +307,19 @@ class LayerState:
         weight = None
         if step.update == "ema" and step.normalize == "batch" and self.pools is None:
             weight = ema_weight(step.momentum, tensors.num_batches_tracked)
-        forward = Forward(step, tensors, self.domain, limits, weight)
-        if self.tape is not None:
-            self._record(layer, forward)
-        return forward
+        return Forward(step, tensors, self.domain, limits, weight)
 
-    def _record(self, layer: nn.Module, forward: Forward) -> None:
+    @staticmethod
+    def _record(tape: Tape, layer: nn.Module, forward: Forward) -> None:
         t = forward.tensors
         if t.running_mean is not None:
             t = t._replace(running_mean=t.running_mean.detach().clone(), running_var=t.running_var.detach().clone())
-        self.tape.records[id(layer)].append(forward._replace(tensors=t))
-
-    def _replay(self, layer: nn.Module) -> Forward:
-        records = self.tape.records.get(id(layer)) if self.tape is not None else None
-        if not records:
-            raise RuntimeError(
-                f"{self.name}: the activation checkpoint's recomputation ran this layer more often than "
-                "the first forward did. Recompute the same function on the same inputs."
-            )
-        return records.popleft()
+        tape.records[id(layer)].append(forward._replace(tensors=t))
 
     def commit(self, layer: nn.Module, forward: Forward, observed: Observed) -> None:
         """Write what a forward observed: into the pool of an ``accumulate``/``recalibrate``
         block, or (guarded) into the running statistics. Never during a replay."""
-        if self.replaying:
+        if self.replay is not None:
             return
         if self.pools is None:
             step = forward.step
@@ -362,7 +386,8 @@ def _skip_message(name: str, skipped: int, tensors: LayerTensors | None, observe
     return f"{name}: {skipped} running-statistics updates skipped so far; the latest because {cause}."
 
 
-_QUIET = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+_QUIET = tuple(os.path.dirname(os.path.abspath(m.__file__)) for m in (sys.modules[__name__], torch))
+_QUIET += (os.path.abspath(contextlib.__file__),)  # the exit of a with block: warn at the with
 
 
 def warn_in_user_code(message: str, category: type[Warning]) -> None:

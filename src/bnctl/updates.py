@@ -90,14 +90,14 @@ def unchanged(layers: list[tuple[str, nn.Module]]) -> Iterator[None]:
             controlled.append((name, layer))
         except (TypeError, ValueError):
             others.append(layer)
-    saved = [{k: b.detach().clone() for k, b in layer.named_buffers(recurse=False)}
+    saved = [(layer, {k: b.detach().clone() for k, b in layer.named_buffers(recurse=False)})
              for layer in others if not is_uninitialized(layer)]
     with no_update_layers(controlled):
         try:
             yield
         finally:
             with torch.no_grad():
-                for layer, buffers in zip((m for m in others if not is_uninitialized(m)), saved):
+                for layer, buffers in saved:
                     own = dict(layer.named_buffers(recurse=False))
                     for k, value in buffers.items():
                         own[k].copy_(value)
@@ -116,8 +116,11 @@ def accumulate(model: nn.Module, include: Selector = None, exclude: Selector = N
     ``num_batches_tracked`` grows by one. If the block raises, nothing is
     committed. A micro-batch with non-finite statistics is left out of the
     pool (and counted as a skipped update). Policies applied inside the block
-    pool too. Blocks do not nest: an inner block raises before changing
-    anything.
+    pool too; if the block's forwards asked for different updates (an EMA
+    and a cumulative average), the one asked for last is applied. Blocks do
+    not nest: an inner block raises before changing anything; a
+    :func:`bnctl.recalibrate` inside writes its result at once and leaves the
+    pools as they were.
 
     Args:
         model: a model, or a single BatchNorm layer.
@@ -146,24 +149,33 @@ def accumulate(model: nn.Module, include: Selector = None, exclude: Selector = N
         yield
         with torch.no_grad():
             for (_, layer), state in zip(layers, states):
-                _commit_pools(layer, state)
+                if layer_state(layer) is state:  # not reverted inside the block
+                    _commit_pools(layer, state)
 
 
 @contextlib.contextmanager
-def pooling(layers: list[tuple[str, nn.Module]], kind: type = Accumulator) -> Iterator[list[LayerState]]:
-    """Hold ``layers`` with an empty pool each (of ``kind``) for a block; the pools are dropped after.
+def pooling(
+    layers: list[tuple[str, nn.Module]], kind: type = Accumulator, *, explicit: bool = False
+) -> Iterator[list[LayerState]]:
+    """Hold ``layers`` with an empty pool each (of ``kind``) for a block; what was there before is
+    restored after (an ``accumulate`` block around a ``recalibrate`` keeps its pools).
 
     Inside, what a layer's forward would write goes to its pool instead
-    (see :meth:`bnctl.state.LayerState.commit`).
+    (see :meth:`bnctl.state.LayerState.commit`). ``explicit`` pools gather
+    statistics for an explicit write (``recalibrate``), which an enclosing
+    ``no_update`` block does not stop, as it does not stop :func:`restore`.
     """
     with hold(layers) as states:
+        previous = [(state.pools, state.no_update) for state in states]
         for state in states:
             state.pools = Pools(kind)
+            if explicit:
+                state.no_update = 0
         try:
             yield states
         finally:
-            for state in states:
-                state.pools = None
+            for state, (pools, no_update) in zip(states, previous):
+                state.pools, state.no_update = pools, no_update
 
 
 def _commit_pools(layer: nn.Module, state: LayerState) -> None:
@@ -213,20 +225,40 @@ def checkpoint_context(
 
     def context_fn() -> tuple[Any, Any]:
         tape = Tape()
-        return _taped(layers, tape, replay=False), _taped(layers, tape, replay=True)
+        return _Recording(layers, tape), _Replaying(layers, tape)
 
     return context_fn
 
 
-@contextlib.contextmanager
-def _taped(layers: list[tuple[str, nn.Module]], tape: Tape, replay: bool) -> Iterator[None]:
-    """Record each layer's forwards on ``tape`` (the first forward), or replay them (the recomputation)."""
-    with hold(layers) as states:
-        previous = [(state.tape, state.replaying) for state in states]
-        for state in states:
-            state.tape, state.replaying = tape, replay
-        try:
-            yield
-        finally:
-            for state, (prev_tape, prev_replaying) in zip(states, previous):
-                state.tape, state.replaying = prev_tape, prev_replaying
+class _Recording:
+    """The first forward of a checkpointed region: each layer records what it does on ``tape``."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]], tape: Tape) -> None:
+        self.layers, self.tape = layers, tape
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> None:
+        with contextlib.ExitStack() as stack:
+            states = stack.enter_context(hold(self.layers))
+            for state in states:
+                state.tapes.append(self.tape)
+                stack.callback(state.tapes.remove, self.tape)
+            self._stack = stack.pop_all()
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+class _Replaying(_Recording):
+    """A recomputation of the region (there may be several): the layers replay ``tape`` from its start."""
+
+    def __enter__(self) -> None:
+        self.tape.rewind()
+        with contextlib.ExitStack() as stack:
+            states = stack.enter_context(hold(self.layers))
+            for state in states:
+                stack.callback(setattr, state, "replay", state.replay)
+                state.replay = self.tape
+            self._stack = stack.pop_all()
