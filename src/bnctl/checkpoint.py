@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .state import never_updated
+
 __all__ = ["CheckpointError", "LayerCheck", "check_checkpoint", "load_state_dict"]
 
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -186,7 +188,7 @@ def _layout_problems(tensors: dict[str, Any]) -> list[str]:
 def _value_problems(tensors: dict[str, Tensor], nbt: int | None) -> list[str]:
     problems = []
     rmf, rvf = tensors["running_mean"].double(), tensors["running_var"].double()
-    if not nbt and bool((rmf == 0).all()) and bool((rvf == 1).all()):
+    if never_updated(rmf, rvf, nbt):
         problems.append("statistics never updated (all 0 and 1)")
     for key, t in tensors.items():
         bad = int((~torch.isfinite(t)).sum())
