@@ -48,6 +48,7 @@ __all__ = [
     "AFFINE",
     "DEFAULT",
     "STATS",
+    "Applied",
     "Forward",
     "LayerState",
     "LayerTensors",
@@ -57,6 +58,7 @@ __all__ = [
     "domain_key",
     "domains",
     "never_updated",
+    "warn_in_user_code",
 ]
 
 DEFAULT = "default"
