@@ -38,3 +38,17 @@ def test_shifts_are_deterministic_and_documented():
         a, b = fn(x, 3), fn(x, 3)
         assert torch.equal(a, b), name
         assert a.shape == x.shape and not torch.equal(a, x), name
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_says_running_update_trains_less_stably_and_shows_it_measured():
+    readme = (ROOT / "README.md").read_text()
+    assert "**`running_update` trains less stably than `torch`.**" in readme
+    assert "benchmarks/running_update_stability.py" in readme and "running_update                     0.01" in readme
+    assert (ROOT / "benchmarks" / "running_update_stability.py").exists()
+
+
+def test_the_test_command_shows_skip_reasons():
+    assert "-rs" in (ROOT / "pyproject.toml").read_text().split("addopts")[1].splitlines()[0]
