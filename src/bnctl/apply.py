@@ -22,9 +22,11 @@ from .modules import (
     check_policy,
     control,
     display_name,
+    grad_flags,
     layer_state,
     release,
     revert_layer,
+    set_grad_flags,
     set_learn_affine,
 )
 from .policy import Policy, get_policy
@@ -129,7 +131,7 @@ class PolicyHandle:
         self.layers: list[str] = []
 
     def _push(self, name: str, layer: _BatchNorm, policy: Policy) -> None:
-        flags = {k: p.requires_grad for k, p in layer.named_parameters(recurse=False)}
+        flags = grad_flags(layer)
         state = control(layer, name)
         token = object()
         state.push(token, policy)
@@ -144,10 +146,7 @@ class PolicyHandle:
             state.require_top(token)
         for layer, state, token, flags in reversed(live):
             state.pop(token)
-            params = dict(layer.named_parameters(recurse=False))
-            for key, flag in flags.items():
-                if key in params:
-                    params[key].requires_grad_(flag)
+            set_grad_flags(layer, flags)
             release(layer)
         self._applied = []
         self.layers = []

@@ -35,6 +35,7 @@ __all__ = [
     "check_policy",
     "control",
     "display_name",
+    "grad_flags",
     "is_uninitialized",
     "layer_plan",
     "layer_policy",
@@ -43,6 +44,7 @@ __all__ = [
     "register_subclass",
     "release",
     "revert_layer",
+    "set_grad_flags",
     "set_learn_affine",
     "unregister_subclass",
 ]
@@ -104,7 +106,7 @@ class _PolicyForward(_BatchNorm):
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         state = self._bnctl
-        if not (state.builtin or state.policies or len(domains(self)) > 1):
+        if not _kept(self, state):
             # held only by scopes of the original (no_update, accumulate, ...): a copy is plain
             plain = {k: v for k, v in self.__dict__.items() if k != "_bnctl"}
             return (object.__new__, (state.origin,), plain)
@@ -213,8 +215,7 @@ def control(layer: _BatchNorm, name: str = "") -> LayerState:
             state.name = name
         return state
     cls = policy_class(type(layer), display_name(name, layer))
-    flags = {k: p.requires_grad for k, p in layer.named_parameters(recurse=False)}
-    state = LayerState(display_name(name, layer), type(layer), flags)
+    state = LayerState(display_name(name, layer), type(layer), grad_flags(layer))
     layer.__class__ = cls
     layer._bnctl = state
     return state
@@ -231,10 +232,7 @@ def revert_layer(layer: _BatchNorm) -> None:
     if state is None:
         return
     layer.__class__ = state.origin
-    params = dict(layer.named_parameters(recurse=False))
-    for key, flag in state.requires_grad.items():
-        if key in params:
-            params[key].requires_grad_(flag)
+    set_grad_flags(layer, state.requires_grad)
 
 
 def release(layer: _BatchNorm) -> None:
@@ -243,7 +241,7 @@ def release(layer: _BatchNorm) -> None:
     Skips counted on a device (never warned, to spare a host sync per forward) are reported then.
     """
     state: LayerState | None = layer.__dict__.get("_bnctl")
-    if state is None or state.builtin or state.policies or state.holds or len(domains(layer)) > 1:
+    if state is None or state.holds or _kept(layer, state):
         return
     layer.__class__ = state.origin
     del layer.__dict__["_bnctl"]
@@ -269,6 +267,25 @@ def layer_plan(layer: _BatchNorm) -> Plan:
         return state.plan(layer)
     return make_plan(TORCH, momentum=layer.momentum, track_running_stats=layer.track_running_stats,
                      has_running_stats=layer.running_mean is not None)
+
+
+def _kept(layer: _BatchNorm, state: LayerState) -> bool:
+    """Whether something besides scopes keeps ``layer`` a bnctl layer: it was built as one, has a
+    policy applied, or has domains."""
+    return state.builtin or bool(state.policies) or len(domains(layer)) > 1
+
+
+def grad_flags(layer: nn.Module) -> dict[str, bool]:
+    """``requires_grad`` of the layer's own parameters, by name."""
+    return {k: p.requires_grad for k, p in layer.named_parameters(recurse=False)}
+
+
+def set_grad_flags(layer: nn.Module, flags: dict[str, bool]) -> None:
+    """Set back flags from :func:`grad_flags` (parameters added since keep theirs)."""
+    params = dict(layer.named_parameters(recurse=False))
+    for key, flag in flags.items():
+        if key in params:
+            params[key].requires_grad_(flag)
 
 
 def set_learn_affine(layer: _BatchNorm, learn: bool | None) -> None:
@@ -418,8 +435,7 @@ class _Constructor:
         name = type(self).__name__
         check_policy(name, self, resolved)  # type: ignore[arg-type]
         origin = next(k for k in type(self).__mro__ if k.__module__.startswith("torch."))
-        flags = {k: p.requires_grad for k, p in self.named_parameters(recurse=False)}  # type: ignore[attr-defined]
-        self._bnctl = LayerState(name, origin, flags, base=resolved, builtin=True)
+        self._bnctl = LayerState(name, origin, grad_flags(self), base=resolved, builtin=True)  # type: ignore[arg-type]
         set_learn_affine(self, resolved.learn_affine)  # type: ignore[arg-type]
 
 

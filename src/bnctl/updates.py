@@ -239,11 +239,13 @@ class _Recording:
 
     def __enter__(self) -> None:
         with contextlib.ExitStack() as stack:
-            states = stack.enter_context(hold(self.layers))
-            for state in states:
-                state.tapes.append(self.tape)
-                stack.callback(state.tapes.remove, self.tape)
+            for state in stack.enter_context(hold(self.layers)):
+                self._join(state, stack)
             self._stack = stack.pop_all()
+
+    def _join(self, state: LayerState, stack: contextlib.ExitStack) -> None:
+        state.tapes.append(self.tape)
+        stack.callback(state.tapes.remove, self.tape)
 
     def __exit__(self, *exc: object) -> None:
         stack, self._stack = self._stack, None
@@ -256,9 +258,8 @@ class _Replaying(_Recording):
 
     def __enter__(self) -> None:
         self.tape.rewind()
-        with contextlib.ExitStack() as stack:
-            states = stack.enter_context(hold(self.layers))
-            for state in states:
-                stack.callback(setattr, state, "replay", state.replay)
-                state.replay = self.tape
-            self._stack = stack.pop_all()
+        super().__enter__()
+
+    def _join(self, state: LayerState, stack: contextlib.ExitStack) -> None:
+        stack.callback(setattr, state, "replay", state.replay)
+        state.replay = self.tape
