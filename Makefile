@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-integrations bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,21 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# Against the real torchvision, timm, onnxruntime and Lightning (a separate, large environment; not run by CI).
+INT_VENV ?= .venv-integrations
+INT_PY := $(INT_VENV)/bin/python
+
+$(INT_VENV)/.installed: requirements-integrations.txt pyproject.toml
+	$(PYTHON) -m venv $(INT_VENV)
+	$(INT_PY) -m pip install -q -r requirements-integrations.txt
+	$(INT_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test-integrations: $(INT_VENV)/.installed
+	$(INT_PY) -m pytest -q tests/integrations
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_layers.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(INT_VENV) build src/*.egg-info

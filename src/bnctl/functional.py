@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +39,20 @@ __all__ = [
     "BatchStats",
     "Status",
     "batch_norm",
+    "batched",
     "batch_stats",
     "copy_if_finite_",
     "ema",
     "ema_weight",
+    "exporting",
     "new_running_values",
     "normalize",
     "normalize_and_observe",
     "population",
     "renorm_limits",
     "step_for_batch",
+    "traced",
+    "transformed",
 ]
 
 
@@ -69,6 +73,29 @@ Status = Union[bool, Tensor]
 Limits = tuple[Union[Tensor, float], Union[Tensor, float]]
 
 
+def traced() -> bool:
+    """Whether this code runs traced or transformed: ``torch.compile``, ``torch.export``,
+    ``torch.jit.trace``, or a ``torch.func`` transform (``vmap``, ``grad``). Then bnctl takes no
+    branch on a tensor's value (the graph would bake it in) and changes no Python state."""
+    return torch.compiler.is_compiling() or exporting() or transformed()
+
+
+def exporting() -> bool:
+    """Whether this code runs under ``torch.export`` (ONNX's default exporter included) or
+    ``torch.jit.trace`` (ONNX's TorchScript exporter)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is active."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def batched(t: Tensor) -> bool:
+    """Whether ``t`` is seen through ``torch.func.vmap`` (one slice per vmapped model or sample)."""
+    return torch._C._functorch.is_batchedtensor(t)
+
+
 def values_per_channel(x: Tensor) -> int:
     return x.numel() // x.shape[1] if x.shape[1] else 0
 
@@ -87,7 +114,10 @@ def batch_stats(x: Tensor) -> BatchStats:
     """
     with torch.no_grad():
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
+        if exporting():  # an op every exporter knows
+            var, mean = torch.var_mean(xs, reduce_dims(x.dim()), unbiased=False)
+        else:
+            mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
     return BatchStats(mean, var, values_per_channel(x))
 
 
@@ -143,8 +173,42 @@ def _running(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: 
     the statistics right after), autograd gets one copy of both, so backward uses the values
     from before the update (SPEC section 3)."""
     if updated_next and torch.is_grad_enabled():
-        mean, var = torch.stack([mean, var]).unbind()
+        mean, var = _snapshot(mean, var)
     return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+
+def _define_snapshot() -> Any:
+    """An opaque copy for compiled graphs (``torch.library.custom_op``, torch >= 2.4).
+
+    Inductor's min-cut partitioner may recompute a cheap read of a buffer in
+    backward, after the same forward updated that buffer in place: backward
+    would then see the new statistics (silently wrong gradients). A custom op
+    is not recomputed, so backward gets the values from before the update.
+    """
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return None
+
+    @custom_op("bnctl::snapshot", mutates_args=())
+    def snapshot(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        return mean.clone(), var.clone()
+
+    @snapshot.register_fake
+    def _(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(mean), torch.empty_like(var)
+
+    return snapshot
+
+
+_OPAQUE_SNAPSHOT = _define_snapshot()
+
+
+def _snapshot(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Copies of running statistics that this forward updates next, for autograd to keep."""
+    if torch.compiler.is_compiling() and not exporting() and _OPAQUE_SNAPSHOT is not None:
+        return _OPAQUE_SNAPSHOT(mean, var)
+    mean, var = torch.stack([mean, var]).unbind()
+    return mean, var
 
 
 def renorm_limits(
@@ -251,6 +315,8 @@ def normalize_and_observe(
         if ema_weight is not None:
             new = torch.stack([running_mean, running_var])  # updated by the kernel, returned
             return F.batch_norm(x, new[0], new[1], weight, bias, True, ema_weight, eps), new
+        if exporting():  # exporters read the kernel's buffers as statistics to normalize with
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps), batch_stats(x)
         # One native pass gives the output and, through buffers that start at zero and get
         # momentum 1, this batch's mean and unbiased variance.
         mean_b, var_b = torch.zeros_like(running_mean), torch.zeros_like(running_var)
@@ -268,12 +334,19 @@ def normalize_and_observe(
 # -- update rules: new values, written by the caller ---------------------------------------
 
 
-def ema_weight(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
-    """EMA weight of the new batch; ``momentum=None`` is PyTorch's cumulative average."""
+def ema_weight(momentum: float | None, num_batches_tracked: Tensor | None) -> float | Tensor:
+    """EMA weight of the new batch; ``momentum=None`` is PyTorch's cumulative average.
+
+    That average's weight depends on ``num_batches_tracked``: a Python float
+    as PyTorch computes it, or, while traced (compile, export), a tensor, so
+    that reading it neither synchronizes nor is baked into the graph.
+    """
     if momentum is not None:
         return momentum
     if num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None.")
+    if traced():
+        return 1.0 / (num_batches_tracked + 1).to(torch.float64)
     # Same float as PyTorch's `num_batches_tracked.add_(1); 1.0 / float(num_batches_tracked)`.
     return 1.0 / float(num_batches_tracked + 1)
 
@@ -283,7 +356,7 @@ def _unbiased(stats: BatchStats) -> Tensor:
     return stats.var * (stats.n / (stats.n - 1) if stats.n > 1 else math.nan)
 
 
-def ema(running_mean: Tensor, running_var: Tensor, stats: BatchStats, weight: float) -> Tensor:
+def ema(running_mean: Tensor, running_var: Tensor, stats: BatchStats, weight: float | Tensor) -> Tensor:
     """New running ``[mean; var]`` as a ``(2, C)`` tensor: the EMA with this batch.
 
     Example:
@@ -294,6 +367,8 @@ def ema(running_mean: Tensor, running_var: Tensor, stats: BatchStats, weight: fl
     """
     current = torch.stack([running_mean, running_var])
     batch = torch.stack([stats.mean, _unbiased(stats)]).to(current.dtype)
+    if isinstance(weight, Tensor):
+        weight = weight.to(current.dtype)
     return torch.lerp(current, batch, weight)
 
 
@@ -422,15 +497,20 @@ def copy_if_finite_(targets: list[Tensor], values: Tensor, num_batches_tracked: 
     ``targets``; ``num_batches_tracked`` (if given) is incremented when they
     are written. One float64 sum over all of them decides (so values large
     enough to overflow float64 count as non-finite too). On the CPU the
-    check branches in Python (free there); on other devices it is a masked
-    copy, so no forward waits for the device.
+    check branches in Python (free there); on other devices, and wherever
+    the code is :func:`traced` (compiled, exported, ``jit.trace``, ``vmap``),
+    it is a masked copy, so no forward waits for the device and no graph
+    bakes in the outcome of one batch.
 
     ``targets`` are written as PyTorch's own BatchNorm kernel writes its
     running statistics: without an autograd version bump, so a graph that
     saved them (an earlier eval-mode forward) keeps working and, as in
-    PyTorch, reads the new values in its backward.
+    PyTorch, reads the new values in its backward. (Traced code writes them
+    with a plain ``copy_``, which the tracers and transforms understand.)
     """
     with torch.no_grad():
+        if traced():
+            return _copy_if_finite_device(targets, values, num_batches_tracked, data=False)
         if targets[0].device.type == "cpu":
             return _copy_if_finite_host(targets, values, num_batches_tracked)
         return _copy_if_finite_device(targets, values, num_batches_tracked)
@@ -446,14 +526,17 @@ def _copy_if_finite_host(targets: list[Tensor], values: Tensor, num_batches_trac
     return ok
 
 
-def _copy_if_finite_device(targets: list[Tensor], values: Tensor, num_batches_tracked: Tensor | None) -> Tensor:
+def _copy_if_finite_device(
+    targets: list[Tensor], values: Tensor, num_batches_tracked: Tensor | None, data: bool = True
+) -> Tensor:
     flag = (values.sum(dtype=torch.float64) * 0) == 0  # False for inf and nan
     current = torch.cat([t.reshape(-1).to(values.dtype) for t in targets])
     merged = torch.where(flag, values, current)
     news = [m.view_as(t) for m, t in zip(merged.split([t.numel() for t in targets]), targets)]
-    targets = [t.data for t in targets]
+    if data:
+        targets = [t.data for t in targets]
     foreach_copy = getattr(torch, "_foreach_copy_", None)  # one fused call where torch has it (>= 2.2)
-    if foreach_copy is not None:
+    if foreach_copy is not None and data:  # (vmap has no batching rule for it)
         foreach_copy(targets, news)
     else:
         for target, new in zip(targets, news):

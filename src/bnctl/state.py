@@ -36,11 +36,14 @@ from .functional import (
     Limits,
     Observed,
     Status,
+    batched,
     copy_if_finite_,
     ema_weight,
     new_running_values,
     renorm_limits,
     step_for_batch,
+    traced,
+    transformed,
 )
 from .policy import TORCH, Plan, Policy, Step, make_plan
 
@@ -106,6 +109,11 @@ class LayerTensors(NamedTuple):
         stats = [buffers[domain_key(k, domain)] for k in STATS]
         affine = [params.get(domain_key(k, domain), params.get(k)) for k in AFFINE]
         return cls(*stats, *affine)
+
+    def detached_affine(self) -> LayerTensors:
+        """The same tensors, with ``weight`` and ``bias`` cut from autograd."""
+        detach = [None if t is None else t.detach() for t in (self.weight, self.bias)]
+        return self._replace(weight=detach[0], bias=detach[1])
 
 
 class Forward(NamedTuple):
@@ -273,6 +281,8 @@ class LayerState:
         """The layer's :class:`~bnctl.policy.Plan`, resolved again only when an input to it changed."""
         policy = self.policy
         key = (policy, layer.momentum, layer.track_running_stats, layer.running_mean is not None)
+        if torch.compiler.is_compiling():  # resolved at trace time; a cache would only add guards
+            return make_plan(policy, momentum=key[1], track_running_stats=key[2], has_running_stats=key[3])
         cached = self._plan
         if cached is None or cached[0][0] is not policy or cached[0][1:] != key[1:]:
             plan = make_plan(policy, momentum=key[1], track_running_stats=key[2], has_running_stats=key[3])
@@ -309,6 +319,10 @@ class LayerState:
         weight = None
         if step.update == "ema" and step.normalize == "batch" and self.pools is None:
             weight = ema_weight(step.momentum, tensors.num_batches_tracked)
+            if isinstance(weight, Tensor) or transformed():  # the kernel takes a float, and writes
+                weight = None  # into views of batched tensors are lost under vmap
+        if self.policy.learn_affine is False:  # frozen means frozen, whatever requires_grad says
+            tensors = tensors.detached_affine()
         return Forward(step, tensors, self.domain, limits, weight)
 
     @staticmethod
@@ -342,6 +356,12 @@ class LayerState:
     ) -> Status:
         """One ``update`` of ``domain``'s running statistics with ``observed``, guarded and counted."""
         accumulator = None
+        if update == "cumulative" and batched(tensors.running_mean):
+            raise RuntimeError(
+                f"{self.name}: a cumulative average keeps its running sums outside the module's buffers, "
+                "so torch.func.vmap cannot give each model its own. Under vmap use a policy with an EMA "
+                "update (momentum a float), or recalibrate each model outside the transform."
+            )
         if update == "cumulative":
             accumulator = self.accumulators.get(domain)
             if accumulator is None:
@@ -362,7 +382,12 @@ class LayerState:
         A layer warns at its first skip, with the likely cause, and then
         only at its 10th, 100th, 1000th... skip (``skipped_updates`` and
         :func:`bnctl.report` have the count), from the user's line of code.
+        Traced code (:func:`~bnctl.functional.traced`) counts nothing: a
+        compiled graph would bake the count in. The guard holds there all
+        the same, and ``num_batches_tracked`` counts only the applied updates.
         """
+        if traced():
+            return
         self.counts.add(ok)
         skipped = self.counts.skipped if ok is False else 0
         if skipped and math.log10(skipped).is_integer():
