@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import warnings
 
 import pytest
@@ -14,6 +15,10 @@ import bnctl
 from bnctl import Mode
 from bnctl.functional import batch_norm
 from bnctl.policy import make_step
+
+# tests/integrations run against the real torchvision, timm, onnxruntime and Lightning
+# (`make test-integrations`, a separate environment); CI's environment has none of them.
+collect_ignore = [] if importlib.util.find_spec("torchvision") else ["integrations"]
 
 # Tolerances for comparisons against references, per dtype (torch.testing defaults are
 # tighter than reductions over ~1e5 values allow in float32).
@@ -189,13 +194,82 @@ class SuperAct2d(nn.BatchNorm2d):
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """torchvision-style look-alike: buffers only, not a _BatchNorm."""
+    """torchvision.ops look-alike: buffers only, not a _BatchNorm; scale-and-shift forward."""
 
-    def __init__(self, n):
+    def __init__(self, n, eps=1e-5):
         super().__init__()
+        self.eps = eps
         for k, v in [("weight", torch.ones(n)), ("bias", torch.zeros(n)),
                      ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n))]:
             self.register_buffer(k, v)
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """timm look-alike: FrozenBatchNorm2d, then dropout and activation."""
+
+    def __init__(self, n, eps=1e-5):
+        super().__init__(n, eps)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class TimmBatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d look-alike (module and class name as in timm): F.batch_norm inside its
+    own forward, then dropout and activation."""
+
+    def __init__(self, n, act=None):
+        super().__init__(n)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU() if act is None else act
+
+    def forward(self, x):
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training or self.running_mean is None, exponential_average_factor, self.eps)
+        return self.act(self.drop(x))
+
+
+class TimmSplitBatchNorm2d(nn.BatchNorm2d):
+    """timm's SplitBatchNorm2d look-alike: in train(), split k of the batch goes through aux_bn[k-1]."""
+
+    def __init__(self, n, num_splits=2):
+        super().__init__(n)
+        self.num_splits = num_splits
+        self.aux_bn = nn.ModuleList([nn.BatchNorm2d(n) for _ in range(num_splits - 1)])
+
+    def forward(self, input):
+        if not self.training:
+            return super().forward(input)
+        split = input.split(input.shape[0] // self.num_splits)
+        return torch.cat([super().forward(split[0])] + [a(s) for a, s in zip(self.aux_bn, split[1:])])
+
+
+for _cls, _module, _name in [(TimmBatchNormAct2d, "timm.layers.norm_act", "BatchNormAct2d"),
+                             (TimmSplitBatchNorm2d, "timm.layers.split_batchnorm", "SplitBatchNorm2d")]:
+    _cls.__module__, _cls.__name__, _cls.__qualname__ = _module, _name, _name
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm's SyncBatchNormAct look-alike: super().forward(), then drop and act if present."""
+
+    def forward(self, x):
+        x = super().forward(x)
+        if hasattr(self, "drop"):
+            x = self.drop(x)
+        if hasattr(self, "act"):
+            x = self.act(x)
+        return x
 
 
 class BatchNormAct1d(nn.BatchNorm1d):

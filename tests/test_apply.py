@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import bnctl
-from conftest import FrozenBatchNorm2d
 
 
 class Net(nn.Module):
@@ -134,11 +133,6 @@ def test_optimizer_built_before_keeps_working():
     net(torch.randn(4, 3, 4, 4)).pow(2).mean().backward()
     opt.step()
     assert not torch.equal(net.stem[1].weight, w)  # affine still learns
-
-
-def test_frozen_batchnorm_lookalike_is_not_touched():
-    model = nn.Sequential(FrozenBatchNorm2d(3), nn.BatchNorm2d(3))
-    assert bnctl.apply(model, "frozen_stats").layers == ["1"]
 
 
 def test_track_running_stats_false_refuses_running_policies():

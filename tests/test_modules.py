@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bnctl
-from conftest import TOL, BatchNormAct2d, SuperAct2d, reference_bn
+from conftest import TOL, BatchNormAct2d, SuperAct2d, SyncBatchNormAct, reference_bn
 
 CLASSES = {1: (nn.BatchNorm1d, bnctl.BatchNorm1d), 2: (nn.BatchNorm2d, bnctl.BatchNorm2d),
            3: (nn.BatchNorm3d, bnctl.BatchNorm3d)}
@@ -386,22 +386,6 @@ def test_sync_batchnorm_on_cpu_and_lazy_batchnorm():
     assert int(lazy.num_batches_tracked) == 1
 
 
-def test_real_timm_batchnormact2d_is_refused_or_registered():
-    """Where timm is installed (not in CI): its BatchNormAct2d keeps its activation."""
-    timm_norm = pytest.importorskip("timm.layers.norm_act")
-    layer = timm_norm.BatchNormAct2d(3, act_layer=nn.ReLU)
-    with pytest.raises(TypeError, match="BatchNormAct2d"):
-        bnctl.apply(layer, "frozen")
-    bnctl.register_subclass(timm_norm.BatchNormAct2d, lambda m, y: m.act(m.drop(y)))
-    try:
-        bnctl.apply(layer, "frozen")
-        with torch.no_grad():
-            layer.running_mean.fill_(100.0)
-        assert (layer.train()(torch.randn(4, 3, 2, 2)) == 0).all()
-    finally:
-        bnctl.unregister_subclass(timm_norm.BatchNormAct2d)
-
-
 @pytest.mark.parametrize("cls,ours", [(nn.BatchNorm1d, bnctl.BatchNorm1d), (nn.BatchNorm2d, bnctl.BatchNorm2d),
                                       (nn.BatchNorm3d, bnctl.BatchNorm3d),
                                       (nn.SyncBatchNorm, bnctl.modules.SyncBatchNorm)])
@@ -527,10 +511,11 @@ def test_skips_counted_on_a_device_are_reported_when_bnctl_lets_go():
     assert caught[0].filename == __file__ and type(bn) is nn.BatchNorm1d
 
 
-def test_sync_batchnorm_subclass_refusal_says_why():
-    class SyncAct(nn.SyncBatchNorm):
-        def forward(self, x):
-            return torch.relu(super().forward(x))
-
-    with pytest.raises(TypeError, match="reaches torch's own SyncBatchNorm.forward.*register_subclass"):
-        bnctl.apply(SyncAct(3), "frozen")
+def test_sync_batchnorm_subclass_calling_super_forward_keeps_its_activation():
+    layer = SyncBatchNormAct(3)
+    layer.act = nn.ReLU()
+    with torch.no_grad():
+        layer.running_mean.fill_(5.0)
+    bnctl.apply(layer, "frozen_stats")
+    assert (layer.train()(torch.randn(4, 3, 2, 2)) == 0).all()  # normalized with mean 5, then ReLU
+    assert int(layer.num_batches_tracked) == 0

@@ -17,7 +17,9 @@ from typing import Any, Callable, Union
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .frozen import Swap, is_frozen_batchnorm, swap_in, swap_out
 from .modules import (
+    BatchNormAct2d,
     check_controllable,
     check_policy,
     control,
@@ -70,6 +72,9 @@ def batchnorm_layers(
 ) -> list[tuple[str, _BatchNorm]]:
     """The BatchNorm layers of ``model`` (itself included) selected by ``include``/``exclude``.
 
+    Buffers-only ``FrozenBatchNorm2d`` layers (torchvision, timm, detectron2;
+    see :mod:`bnctl.frozen`) are listed too.
+
     Args:
         model: a model, or a single BatchNorm layer.
         include: keep only layers whose qualified name matches an ``fnmatch``
@@ -85,7 +90,7 @@ def batchnorm_layers(
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, _BatchNorm)
+        if (isinstance(module, _BatchNorm) or is_frozen_batchnorm(module))
         and (keep is None or keep(name, module))
         and (drop is None or not drop(name, module))
     ]
@@ -97,8 +102,11 @@ def hold(layers: list[tuple[str, _BatchNorm]]) -> Iterator[list[LayerState]]:
 
     Checks every layer before changing any (an uninitialized lazy layer or a
     subclass bnctl cannot control raises, naming it). Yields their states,
-    for the block to set its scope on.
+    for the block to set its scope on. Buffers-only ``FrozenBatchNorm2d``
+    layers are left out: they normalize with their buffers and write nothing,
+    whatever the scope.
     """
+    layers = [(name, layer) for name, layer in layers if not is_frozen_batchnorm(layer)]
     for name, layer in layers:
         check_controllable(display_name(name, layer), layer)
     states: list[LayerState] = []
@@ -119,7 +127,9 @@ class PolicyHandle:
 
     Restores each layer's policy (the one under it, or plain torch), its
     class and the ``requires_grad`` flags of its parameters (not ``.grad``
-    values that freezing cleared). Scopes (``no_update``, ``accumulate``,
+    values that freezing cleared). A ``FrozenBatchNorm2d`` the policy was
+    applied to goes back into its parent, holding the stand-in's current
+    values (what was learned or recalibrated is kept). Scopes (``no_update``, ``accumulate``,
     domains) are not policies: they hold across ``apply``/``remove``. Handles
     on the same layers must be removed in reverse order of application; a
     handle removed out of order raises instead of corrupting state. Also a
@@ -128,6 +138,7 @@ class PolicyHandle:
 
     def __init__(self) -> None:
         self._applied: list[tuple[_BatchNorm, LayerState, object, dict[str, bool]]] = []
+        self._swaps: list[Swap] = []
         self.layers: list[str] = []
 
     def _push(self, name: str, layer: _BatchNorm, policy: Policy) -> None:
@@ -148,7 +159,10 @@ class PolicyHandle:
             state.pop(token)
             set_grad_flags(layer, flags)
             release(layer)
+        for swap in reversed(self._swaps):  # FrozenBatchNorm2d back, with the current values
+            swap_out(swap)
         self._applied = []
+        self._swaps = []
         self.layers = []
 
     def __enter__(self) -> PolicyHandle:
@@ -204,7 +218,7 @@ def apply(
         True
     """
     resolved = get_policy(policy)
-    targets = batchnorm_layers(model, include, exclude)
+    targets = _with_aux(batchnorm_layers(model, include, exclude))
     if not targets:
         found = [display_name(n, m) for n, m in batchnorm_layers(model)]
         raise ValueError(
@@ -212,7 +226,8 @@ def apply(
             f"to, got none (include={include!r}, exclude={exclude!r}). BatchNorm layers in the "
             f"model: {found or 'none'}."
         )
-    handle = apply_to(targets, resolved)
+    _check_not_wrapped(model, targets, resolved)
+    handle = apply_to(targets, resolved, model)
     if resolved.reads_running_stats and not resolved.updates:
         stale = [display_name(n, m) for n, m in targets if never_updated(*_stats(m))]
         if stale:
@@ -229,16 +244,59 @@ def apply(
 
 
 def _stats(layer: _BatchNorm) -> tuple[Any, Any, Any]:
-    return layer.running_mean, layer.running_var, layer.num_batches_tracked
+    return layer.running_mean, layer.running_var, getattr(layer, "num_batches_tracked", None)
 
 
-def apply_to(layers: list[tuple[str, _BatchNorm]], policy: Policy) -> PolicyHandle:
-    """:func:`apply` on a list of ``(name, layer)``: every layer checked first, then all or nothing."""
+def _check_not_wrapped(model: nn.Module, layers: list[tuple[str, _BatchNorm]], policy: Policy) -> None:
+    """Refuse to change the parameters a ``DistributedDataParallel`` wrapper already registered."""
+    if not any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
+        return
+    changes = [
+        display_name(n, m) for n, m in layers
+        if is_frozen_batchnorm(m) or (policy.learn_affine is not None and any(
+            p.requires_grad != policy.learn_affine for p in m.parameters(recurse=False)))
+    ]
+    if changes:
+        raise ValueError(
+            f"{changes[0]}: the model is wrapped in DistributedDataParallel, which fixed the parameters it "
+            f"all-reduces when it was built, and policy {policy.label!r} changes them (requires_grad of "
+            "BatchNorm weight/bias, or a FrozenBatchNorm2d replaced): gradients would silently not be "
+            "all-reduced, then DDP would raise. Apply the policy before wrapping: bnctl.apply(model, ...), "
+            "then DistributedDataParallel(model, ...)."
+        )
+
+
+def _with_aux(layers: list[tuple[str, _BatchNorm]]) -> list[tuple[str, _BatchNorm]]:
+    """``layers`` plus the auxiliary layers (``aux_bn``) of timm ``SplitBatchNorm2d`` among them:
+    the splits of a batch follow the policy of the layer they belong to."""
+    chosen = {id(m) for _, m in layers}
+    extra = [
+        (f"{name}.aux_bn.{i}" if name else f"aux_bn.{i}", aux)
+        for name, layer in layers if isinstance(getattr(layer, "aux_bn", None), nn.ModuleList)
+        for i, aux in enumerate(layer.aux_bn) if isinstance(aux, _BatchNorm) and id(aux) not in chosen
+    ]
+    return layers + extra
+
+
+def apply_to(
+    layers: list[tuple[str, _BatchNorm]], policy: Policy, model: nn.Module | None = None
+) -> PolicyHandle:
+    """:func:`apply` on a list of ``(name, layer)``: every layer checked first, then all or nothing.
+
+    A ``FrozenBatchNorm2d`` among them is replaced in ``model`` by a
+    ``bnctl.BatchNorm2d`` stand-in that gets the policy (:mod:`bnctl.frozen`).
+    """
     for name, layer in layers:
-        check_policy(display_name(name, layer), layer, policy)
+        if not is_frozen_batchnorm(layer):
+            check_policy(display_name(name, layer), layer, policy)
+        elif model is None or not name:
+            swap_in(layer, "", layer)  # raises, naming the fix
     handle = PolicyHandle()
     try:
         for name, layer in layers:
+            if is_frozen_batchnorm(layer):
+                handle._swaps.append(swap_in(model, name, layer))
+                layer = handle._swaps[-1].stand_in
             handle._push(name, layer, policy)
     except BaseException:
         handle.remove()  # never leave a model half-converted
@@ -333,6 +391,13 @@ def revert(model: nn.Module) -> nn.Module:
             f"{with_domains[0]}: expected a layer without extra domains, got one with domains "
             "(their statistics would stay in the state dict). Use bnctl.export_domain(model, "
             "name) for a plain model of one domain, or bnctl.remove_domains(model) first."
+        )
+    stand_ins = [display_name(n, m) for n, m in layers if isinstance(m, BatchNormAct2d)]
+    if stand_ins:
+        raise ValueError(
+            f"{stand_ins[0]}: expected a layer with a plain torch class, got bnctl's BatchNormAct2d, which "
+            "stands in for a FrozenBatchNormAct2d while a policy is applied. Remove that policy's handle "
+            "(handle.remove() puts the original back) instead."
         )
     for _name, layer in layers:
         revert_layer(layer)

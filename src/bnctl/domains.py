@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .apply import Selector, batchnorm_layers, revert
+from .frozen import is_frozen_batchnorm
 from .modules import control, display_name, layer_state, release
 from .state import AFFINE, DEFAULT, STATS, LayerTensors, domain_key, domains
 
@@ -84,6 +85,14 @@ def add_domains(
     ]
     if not targets:
         raise ValueError("expected at least one BatchNorm layer with running statistics, got none.")
+    frozen = [(n, m) for n, m in targets if is_frozen_batchnorm(m)]
+    if frozen:
+        lname, layer = frozen[0]
+        raise ValueError(
+            f"{display_name(lname, layer)}: a buffers-only {type(layer).__name__} cannot hold domains. Apply "
+            "a policy first (bnctl.apply(model, 'frozen') puts an equivalent bnctl.BatchNorm2d in its place), "
+            "or leave it out with exclude=..."
+        )
     for lname, layer in targets:
         clash = sorted(set(names) & set(domains(layer)))
         if clash:

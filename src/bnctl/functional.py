@@ -114,7 +114,7 @@ def batch_stats(x: Tensor) -> BatchStats:
     """
     with torch.no_grad():
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        if exporting():  # an op every exporter knows
+        if exporting() or transformed():  # an op every exporter knows, with a vmap batching rule
             var, mean = torch.var_mean(xs, reduce_dims(x.dim()), unbiased=False)
         else:
             mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
@@ -508,6 +508,7 @@ def copy_if_finite_(targets: list[Tensor], values: Tensor, num_batches_tracked: 
     PyTorch, reads the new values in its backward. (Traced code writes them
     with a plain ``copy_``, which the tracers and transforms understand.)
     """
+    values = values.detach()  # (jit.trace does not record no_grad; it records detach)
     with torch.no_grad():
         if traced():
             return _copy_if_finite_device(targets, values, num_batches_tracked, data=False)

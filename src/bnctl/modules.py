@@ -28,6 +28,7 @@ from .state import AFFINE, STATS, LayerState, domain_key, domains, warn_in_user_
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNormAct2d",
     "BatchNorm3d",
     "SyncBatchNorm",
     "check_controllable",
@@ -115,6 +116,26 @@ class _PolicyForward(_BatchNorm):
             return super().__reduce_ex__(protocol)
         return (_new_controlled, (origin,), self.__dict__)
 
+    def reset_running_stats(self) -> None:
+        """torch's reset, with a warning where the policy would never refill the statistics."""
+        super().reset_running_stats()
+        state: LayerState | None = self.__dict__.get("_bnctl")
+        if state is not None and self.running_mean is not None and state.plan(self).train.update == "none":
+            warn_in_user_code(
+                f"{state.name}: running statistics reset to 0 and 1, but policy {state.policy.label!r} never "
+                "updates them in train(), so no forward will refill them (torch.optim.swa_utils.update_bn "
+                "resets them, then relies on train() forwards). Recompute them with bnctl.recalibrate(model, "
+                "loader) instead, or remove the policy first.",
+                UserWarning,
+            )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` cannot compile a policy forward: say so, naming the way out."""
+        raise TypeError(
+            f"{self._bnctl.name}: torch.jit.script cannot compile bnctl's policy forward. Use torch.compile "
+            "or torch.export (both supported), or bnctl.revert(model) first to script plain BatchNorm."
+        )
+
     @property
     def policy(self) -> Policy:
         """This layer's :class:`bnctl.Policy` (change it with :func:`bnctl.apply`)."""
@@ -157,9 +178,13 @@ def _check_sync(layer: nn.Module) -> None:
         )
 
 
-def _sync_forward(self: nn.Module, input: Tensor) -> Tensor:
-    _check_sync(self)
-    return _PolicyForward.forward(self, input)
+class _SyncPolicyForward(nn.SyncBatchNorm, _PolicyForward):
+    """The policy forward in place of torch's ``SyncBatchNorm.forward`` (so a subclass's
+    ``super().forward()`` reaches bnctl's)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_sync(self)
+        return _PolicyForward.forward(self, input)
 
 
 # -- taking layers under control -----------------------------------------------------------
@@ -359,6 +384,44 @@ def _forward_overrides(cls: type) -> list[type]:
     return found
 
 
+# -- classes of other libraries, recognized by name (bnctl imports none of them) -------------
+
+
+def _drop_act(layer: nn.Module, y: Tensor) -> Tensor:
+    """What timm's norm+act layers do after normalizing: dropout, then the activation."""
+    if hasattr(layer, "drop"):
+        y = layer.drop(y)
+    if hasattr(layer, "act"):
+        y = layer.act(y)
+    return y
+
+
+def _split_forward(self: nn.Module, input: Tensor) -> Tensor:
+    """timm's ``SplitBatchNorm2d`` under a policy.
+
+    In ``train()`` timm normalizes each split of the batch with its own layer
+    (the first with this one, the others with ``aux_bn``, which follow the
+    same policy). That is kept when the policy treats ``train()`` and
+    ``eval()`` differently. A policy that does the same in both (``frozen``,
+    ``frozen_stats``, ``test_time``) runs the whole batch through this layer,
+    as ``eval()`` does, so ``train()`` and ``eval()`` agree.
+    """
+    plan = self._bnctl.plan(self)
+    if self.training and plan.train != plan.eval:
+        return self._bnctl.origin.forward(self, input)
+    return _drop_act(self, _PolicyForward.forward(self, input))
+
+
+def _known_forward(cls: type) -> Callable[[nn.Module, Tensor], Tensor] | None:
+    """bnctl's forward for a third-party class it knows (by package and name), else ``None``."""
+    package = cls.__module__.split(".")[0]
+    if package == "timm" and cls.__name__ == "BatchNormAct2d":  # normalization, drop, act
+        return lambda self, input: _drop_act(self, _PolicyForward.forward(self, input))
+    if package == "timm" and cls.__name__ == "SplitBatchNorm2d":
+        return _split_forward
+    return None
+
+
 def policy_class(cls: type, name: str = "layer") -> type:
     """The class a layer of class ``cls`` takes under bnctl's control.
 
@@ -366,15 +429,19 @@ def policy_class(cls: type, name: str = "layer") -> type:
     ``bnctl.BatchNorm2d``, ...). A third-party subclass gets a subclass of it
     whose BatchNorm computation follows the layer's policy, made once and
     cached: subclasses whose own ``forward`` calls ``super().forward`` keep
-    their extra behaviour (bnctl sits below them in the MRO); registered ones
-    (:func:`register_subclass`) run their ``after`` step.
+    their extra behaviour (bnctl's forward sits just below them in the MRO,
+    in place of torch's); registered ones (:func:`register_subclass`) run
+    their ``after`` step; timm's ``BatchNormAct2d`` and ``SplitBatchNorm2d``
+    are known by name (timm is never imported).
 
     Raises:
         TypeError: for a subclass that overrides ``forward`` without calling
-            ``super().forward`` and is not registered.
+            ``super().forward`` and is neither known nor registered.
     """
     if issubclass(cls, _PolicyForward):
         return cls
+    if not issubclass(cls, _BatchNorm):
+        raise TypeError(f"{name}: expected a BatchNorm layer (a torch.nn.modules.batchnorm._BatchNorm), got {cls!r}.")
     found = _STATIC.get(cls) or _RUNTIME.get(cls)
     if found is not None:
         return found
@@ -384,20 +451,19 @@ def policy_class(cls: type, name: str = "layer") -> type:
         "_bnctl_origin": cls,
     }
     adapter = next((_ADAPTERS[k] for k in cls.__mro__ if k in _ADAPTERS), None)
-    overrides = _forward_overrides(cls)
+    known = next((f for f in map(_known_forward, cls.__mro__) if f is not None), None)
     if adapter is not None:
 
         def forward(self: nn.Module, input: Tensor) -> Tensor:
             return adapter(self, _PolicyForward.forward(self, input))
 
         attrs["forward"] = forward
-    elif issubclass(cls, nn.SyncBatchNorm):
-        if overrides:
-            raise _refusal(cls, name, sync=True)
-        attrs["forward"] = _sync_forward
-    elif not all(_calls_super_forward(vars(k)["forward"]) for k in overrides):
+    elif known is not None:
+        attrs["forward"] = known
+    elif not all(_calls_super_forward(vars(k)["forward"]) for k in _forward_overrides(cls)):
         raise _refusal(cls, name)
-    new = type(cls.__name__, (cls, _PolicyForward), attrs)
+    base = _SyncPolicyForward if issubclass(cls, nn.SyncBatchNorm) else _PolicyForward
+    new = type(cls.__name__, (cls, base), attrs)
     _RUNTIME[cls] = new
     return new
 
@@ -408,18 +474,12 @@ def _new_controlled(origin: type) -> nn.Module:
     return cls.__new__(cls)
 
 
-def _refusal(cls: type, name: str, sync: bool = False) -> TypeError:
-    if sync:  # torch's SyncBatchNorm.forward sits between such a forward and bnctl's
-        why = ("overrides forward(), and a SyncBatchNorm subclass's forward reaches torch's own "
-               "SyncBatchNorm.forward, which bnctl cannot replace without dropping what that forward adds")
-        fixes = ""
-    else:
-        why = ("overrides forward() without calling super().forward(), so bnctl cannot choose its "
-               "statistics without dropping what that forward adds")
-        fixes = "call super().forward(x) inside it, or "
+def _refusal(cls: type, name: str) -> TypeError:
     return TypeError(
-        f"{name}: {cls.__module__}.{cls.__qualname__} {why}. Fixes: {fixes}register the extra steps with "
-        "bnctl.register_subclass(cls, after=lambda layer, y: ...), or leave the layer out with exclude=..."
+        f"{name}: {cls.__module__}.{cls.__qualname__} overrides forward() without calling super().forward(), "
+        "so bnctl cannot choose its statistics without dropping what that forward adds. Fixes: call "
+        "super().forward(x) inside it, register the extra steps with bnctl.register_subclass(cls, "
+        "after=lambda layer, y: ...), or leave the layer out with exclude=..."
     )
 
 
@@ -499,7 +559,7 @@ class BatchNorm3d(_Constructor, nn.BatchNorm3d, _PolicyForward):
     """
 
 
-class SyncBatchNorm(_Constructor, nn.SyncBatchNorm, _PolicyForward):
+class SyncBatchNorm(_Constructor, _SyncPolicyForward):
     """:class:`torch.nn.SyncBatchNorm` that follows a :class:`bnctl.Policy`.
 
     Without an initialized process group it behaves as the matching
@@ -508,7 +568,23 @@ class SyncBatchNorm(_Constructor, nn.SyncBatchNorm, _PolicyForward):
     yet), so nothing silently uses per-process statistics.
     """
 
-    forward = _sync_forward
+
+class BatchNormAct2d(BatchNorm2d):
+    """:class:`bnctl.BatchNorm2d` followed by ``drop`` and ``act`` modules (timm's norm+act order).
+
+    bnctl puts one in place of timm's ``FrozenBatchNormAct2d`` while a policy
+    is applied (:mod:`bnctl.frozen`). ``drop`` and ``act`` default to
+    ``nn.Identity()``.
+    """
+
+    def __init__(self, num_features: int, *args: Any, drop: nn.Module | None = None,
+                 act: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(input)))
 
 
 _STATIC: dict[type, type] = {

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .apply import Selector, batchnorm_layers, using_layers
 from .domains import domain as domain_scope
 from .domains import layers_with
+from .frozen import is_frozen_batchnorm, swap_in, swap_out
 from .functional import Accumulator, BatchAverage
 from .modules import check_materialized, display_name
 from .policy import PRESETS
@@ -161,6 +162,9 @@ def recalibrate(
     targets = _targets(model, layers, exclude, domain)
     chosen = {id(layer) for _, layer in targets}
     others = [(n, m) for n, m in batchnorm_layers(model) if id(m) not in chosen]
+    swaps = [swap_in(model, n, m) for n, m in targets if is_frozen_batchnorm(m)]  # written back at the end
+    stand_ins = {swap.name: swap.stand_in for swap in swaps}
+    targets = [(n, stand_ins.get(n, m)) for n, m in targets]
     reached: set[int] = set()
     hooks = [layer.register_forward_pre_hook(lambda m, _i: reached.add(id(m))) for _, layer in targets]
     try:
@@ -180,6 +184,8 @@ def recalibrate(
     finally:
         for hook in hooks:
             hook.remove()
+        for swap in reversed(swaps):
+            swap_out(swap)
     logger.info("recalibrated %d BatchNorm layers over %d batches", len(done), seen)
     return done
 
@@ -188,14 +194,20 @@ def _targets(model: nn.Module, layers: Selector, exclude: Selector, domain: str 
     selected = batchnorm_layers(model, layers, exclude)
     for name, layer in selected:
         check_materialized(display_name(name, layer), layer)
-    untracked = [display_name(n, m) for n, m in selected if m.running_mean is not None and not m.track_running_stats]
+        if is_frozen_batchnorm(layer) and not name:
+            swap_in(model, name, layer)  # raises: no parent to put a stand-in in
+
+    def tracked(m: nn.Module) -> bool:
+        return is_frozen_batchnorm(m) or m.track_running_stats
+
+    untracked = [display_name(n, m) for n, m in selected if m.running_mean is not None and not tracked(m)]
     if untracked:
         warnings.warn(
             f"skipped BatchNorm layers whose track_running_stats is False: {untracked}. Set it to True "
             "to recalibrate them.",
             stacklevel=3,
         )
-    targets = [(n, m) for n, m in selected if m.running_mean is not None and m.track_running_stats]
+    targets = [(n, m) for n, m in selected if m.running_mean is not None and tracked(m)]
     if domain is not None:
         layers_with(model, domain)  # raises for a domain the model does not have, naming the known ones
         targets = [(n, m) for n, m in targets if domain in domains(m)]

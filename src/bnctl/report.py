@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .apply import batchnorm_layers
+from .frozen import is_frozen_batchnorm
 from .modules import check_materialized, display_name, is_uninitialized, layer_plan, layer_policy, layer_state
 from .policy import Step
 from .recalibrate import call_model
@@ -119,6 +120,18 @@ def _traps(layer: _BatchNorm) -> list[str]:
             "weight/bias have requires_grad=False but the running statistics still update in "
             "train(); use the 'frozen' preset to freeze both"
         )
+    learn, flags = layer_policy(layer).learn_affine, _affine_text(layer)
+    if learn is False and flags in ("learns", "partly"):
+        found.append(
+            "weight/bias have requires_grad=True, but the policy freezes them: they get no gradient. "
+            "Something set requires_grad after bnctl.apply (e.g. Lightning's BaseFinetuning.make_trainable); "
+            "apply a policy that learns (e.g. 'frozen_stats') to train them"
+        )
+    elif learn is True and flags in ("frozen", "partly"):
+        found.append(
+            "the policy learns weight/bias, but requires_grad=False was set after bnctl.apply: they get "
+            "no gradient"
+        )
     if never_updated(layer.running_mean, layer.running_var, layer.num_batches_tracked):
         found.append("running statistics never updated (all 0 and 1): load pretrained "
                      "weights or run bnctl.recalibrate")
@@ -145,7 +158,10 @@ def _shift(layer: _BatchNorm, x: Tensor) -> tuple[float | None, float | None, fl
     if layer.running_mean is None or x.shape[0] * x[0, 0].numel() < 2:
         return None, None, None
     state = layer_state(layer)
-    rm, rv, _nbt, w, b = LayerTensors.of(layer) if state is None else state.tensors(layer)
+    if is_frozen_batchnorm(layer):
+        rm, rv, w, b = layer.running_mean, layer.running_var, layer.weight, layer.bias
+    else:
+        rm, rv, _nbt, w, b = LayerTensors.of(layer) if state is None else state.tensors(layer)
     dims = [0, *range(2, x.dim())]
     x = x.detach().double()
     var_b, mean_b = torch.var_mean(x, dims, unbiased=False)
@@ -196,6 +212,8 @@ def report(
 
 
 def _row(name: str, layer: _BatchNorm) -> LayerReport:
+    if is_frozen_batchnorm(layer):
+        return _frozen_row(name, layer)
     row = LayerReport(
         name=name, cls=type(layer).__name__, policy=layer_policy(layer).label,
         train="-", eval="-", affine="-", momentum=layer.momentum, eps=layer.eps, num_batches_tracked=None,
@@ -210,6 +228,19 @@ def _row(name: str, layer: _BatchNorm) -> LayerReport:
     if layer.num_batches_tracked is not None:
         row.num_batches_tracked = int(layer.num_batches_tracked)
     row.warnings = _traps(layer)
+    return row
+
+
+def _frozen_row(name: str, layer: nn.Module) -> LayerReport:
+    """A buffers-only FrozenBatchNorm2d: running statistics in both modes, nothing learns or updates."""
+    row = LayerReport(
+        name=name, cls=type(layer).__name__, policy="-", train="running/none", eval="running/none",
+        affine="buffers", momentum=None, eps=layer.eps, num_batches_tracked=None, skipped_updates=0,
+        domains=domains(layer),
+    )
+    bad = [k for k in ("running_mean", "running_var") if not torch.isfinite(getattr(layer, k)).all()]
+    if bad:
+        row.warnings.append(f"non-finite values in {', '.join(bad)}")
     return row
 
 

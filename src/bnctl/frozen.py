@@ -1,0 +1,102 @@
+"""Buffers-only BatchNorm (``FrozenBatchNorm2d``) made controllable by standing in for it.
+
+Detection and segmentation backbones (``torchvision.ops.FrozenBatchNorm2d``,
+timm's ``FrozenBatchNorm2d``/``FrozenBatchNormAct2d``, detectron2's) normalize
+with statistics and affine values held in buffers: no training behaviour, no
+Parameters, so there is nothing a policy could switch. bnctl recognizes them
+by duck typing (class name and buffers; none of those libraries is imported)
+and, where a policy or a recalibration needs them, puts an equivalent
+``bnctl.BatchNorm2d`` (a :class:`~bnctl.modules.BatchNormAct2d`, keeping
+``drop`` and ``act``, for timm's act variant) in their place in the parent
+module. Undoing it writes the stand-in's current values back into the
+original object and puts the original back, so what was learned or
+recalibrated is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .modules import BatchNorm2d, BatchNormAct2d
+
+__all__ = ["FROZEN_CLASS_NAMES", "Swap", "is_frozen_batchnorm", "stand_in", "swap_in", "swap_out"]
+
+FROZEN_CLASS_NAMES = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
+_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a buffers-only BatchNorm: a class named ``FrozenBatchNorm2d`` (or
+    ``FrozenBatchNormAct2d``) with ``eps`` and the buffers ``weight``, ``bias``, ``running_mean``,
+    ``running_var``."""
+    return (
+        type(module).__name__ in FROZEN_CLASS_NAMES
+        and hasattr(module, "eps")
+        and all(isinstance(module._buffers.get(k), torch.Tensor) for k in _BUFFERS)
+    )
+
+
+def stand_in(frozen: nn.Module) -> BatchNorm2d:
+    """A ``bnctl.BatchNorm2d`` that computes what ``frozen`` computes (not yet in the model).
+
+    Same statistics, ``eps``, device and dtype; ``weight`` and ``bias`` become
+    Parameters with ``requires_grad=False`` (they were not learned; a policy
+    with ``learn_affine=True`` turns learning on). ``num_batches_tracked``
+    starts at 0 and ``momentum`` is PyTorch's default, 0.1.
+    """
+    buffers = frozen._buffers
+    num_features = buffers["running_mean"].numel()
+    factory = {"device": buffers["running_mean"].device, "dtype": buffers["running_mean"].dtype}
+    if hasattr(frozen, "act") or hasattr(frozen, "drop"):
+        new: BatchNorm2d = BatchNormAct2d(num_features, eps=frozen.eps, drop=getattr(frozen, "drop", None),
+                                          act=getattr(frozen, "act", None), **factory)
+    else:
+        new = BatchNorm2d(num_features, eps=frozen.eps, **factory)
+    with torch.no_grad():
+        for key in _BUFFERS:
+            getattr(new, key).copy_(buffers[key].reshape(-1))
+    new.weight.requires_grad_(False)
+    new.bias.requires_grad_(False)
+    return new.train(frozen.training)
+
+
+@dataclass
+class Swap:
+    """One ``FrozenBatchNorm2d`` replaced in its parent (``parent.<attr>``) by a stand-in."""
+
+    name: str
+    parent: nn.Module
+    attr: str
+    original: nn.Module
+    stand_in: BatchNorm2d
+
+
+def swap_in(model: nn.Module, name: str, frozen: nn.Module) -> Swap:
+    """Put a :func:`stand_in` for the layer ``name`` of ``model`` in its place.
+
+    Raises:
+        ValueError: ``frozen`` is ``model`` itself (it has no parent to put a stand-in in).
+    """
+    if not name:
+        raise ValueError(
+            f"{type(frozen).__name__}: expected a model containing the FrozenBatchNorm2d, got the layer "
+            "itself; bnctl replaces such a layer in its parent module. Pass the model (or wrap the layer "
+            "in torch.nn.Sequential)."
+        )
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    swap = Swap(name, parent, attr, frozen, stand_in(frozen))
+    parent._modules[attr] = swap.stand_in
+    return swap
+
+
+def swap_out(swap: Swap) -> None:
+    """Write the stand-in's current values into the original and put the original back."""
+    with torch.no_grad():
+        for key in _BUFFERS:
+            target = swap.original._buffers[key]
+            target.copy_(getattr(swap.stand_in, key).detach().reshape(target.shape))
+    swap.parent._modules[swap.attr] = swap.original
