@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -177,36 +177,27 @@ def _running(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: 
     return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
 
-def _define_snapshot() -> Any:
-    """An opaque copy for compiled graphs (``torch.library.custom_op``, torch >= 2.4).
+@torch.library.custom_op("bnctl::snapshot", mutates_args=())
+def _opaque_snapshot(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Copies of ``mean`` and ``var`` that a compiled graph cannot see into.
 
     Inductor's min-cut partitioner may recompute a cheap read of a buffer in
     backward, after the same forward updated that buffer in place: backward
     would then see the new statistics (silently wrong gradients). A custom op
     is not recomputed, so backward gets the values from before the update.
     """
-    custom_op = getattr(torch.library, "custom_op", None)
-    if custom_op is None:
-        return None
-
-    @custom_op("bnctl::snapshot", mutates_args=())
-    def snapshot(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        return mean.clone(), var.clone()
-
-    @snapshot.register_fake
-    def _(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.empty_like(mean), torch.empty_like(var)
-
-    return snapshot
+    return mean.clone(), var.clone()
 
 
-_OPAQUE_SNAPSHOT = _define_snapshot()
+@_opaque_snapshot.register_fake
+def _(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(mean), torch.empty_like(var)
 
 
 def _snapshot(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Copies of running statistics that this forward updates next, for autograd to keep."""
-    if torch.compiler.is_compiling() and not exporting() and _OPAQUE_SNAPSHOT is not None:
-        return _OPAQUE_SNAPSHOT(mean, var)
+    if torch.compiler.is_compiling() and not exporting():  # (an exported program stays free of bnctl ops)
+        return _opaque_snapshot(mean, var)
     mean, var = torch.stack([mean, var]).unbind()
     return mean, var
 
@@ -535,11 +526,8 @@ def _copy_if_finite_device(
     merged = torch.where(flag, values, current)
     news = [m.view_as(t) for m, t in zip(merged.split([t.numel() for t in targets]), targets)]
     if data:
-        targets = [t.data for t in targets]
-    foreach_copy = getattr(torch, "_foreach_copy_", None)  # one fused call where torch has it (>= 2.2)
-    if foreach_copy is not None and data:  # (vmap has no batching rule for it)
-        foreach_copy(targets, news)
-    else:
+        torch._foreach_copy_([t.data for t in targets], news)  # one fused call
+    else:  # traced: plain copies (vmap has no batching rule for the fused one)
         for target, new in zip(targets, news):
             target.copy_(new)
     if num_batches_tracked is not None:

@@ -319,8 +319,8 @@ class LayerState:
         weight = None
         if step.update == "ema" and step.normalize == "batch" and self.pools is None:
             weight = ema_weight(step.momentum, tensors.num_batches_tracked)
-            if isinstance(weight, Tensor) or transformed():  # the kernel takes a float, and writes
-                weight = None  # into views of batched tensors are lost under vmap
+            if isinstance(weight, Tensor) or transformed():
+                weight = None  # the kernel takes a float weight, and under vmap its writes into views are lost
         if self.policy.learn_affine is False:  # frozen means frozen, whatever requires_grad says
             tensors = tensors.detached_affine()
         return Forward(step, tensors, self.domain, limits, weight)
