@@ -117,3 +117,13 @@ def test_forum_setting_2_reports_batch_statistics_in_training_not_updates():
     text = " | ".join(bnctl.report(m).warnings)
     assert "momentum=0 keeps the running statistics, but train() still normalizes with batch statistics" in text
     assert "still update" not in text
+
+
+def test_track_running_stats_switched_off_is_reported_as_what_it_changes_under_the_policy():
+    bn = nn.BatchNorm2d(3)
+    bn.track_running_stats = False  # Lightning's BaseFinetuning.freeze_module does this
+    with bnctl.using(bn, "frozen_stats"):  # never updates anyway: nothing changed
+        assert not any("track_running_stats" in w for w in bnctl.report(bn).warnings)
+    with bnctl.using(bn, "running_update"):
+        (text,) = [w for w in bnctl.report(bn).warnings if "track_running_stats" in w]
+        assert text.endswith("no longer update in train(), and train() and eval() normalize with those stale buffers")

@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .apply import batchnorm_layers
 from .frozen import is_frozen_batchnorm
 from .modules import check_materialized, display_name, is_uninitialized, layer_plan, layer_policy, layer_state
-from .policy import Step
+from .policy import Plan, Step, make_plan
 from .recalibrate import call_model
 from .state import LayerTensors, domains, never_updated
 from .updates import unchanged
@@ -141,8 +141,7 @@ def _traps(layer: _BatchNorm) -> list[str]:
         if bad:
             found.append(f"non-finite values in {', '.join(bad)}")
     if not layer.track_running_stats and layer.running_mean is not None:
-        found.append("track_running_stats was switched off after construction: train() "
-                      "normalizes with batch statistics, eval() with the stale buffers")
+        found += _untracked_trap(layer, plan)
     momentum = plan.train.momentum
     if momentum is not None and 0.9 <= momentum < 1.0:
         found.append(f"momentum={momentum:g} looks like a Keras/Flax decay; PyTorch's momentum "
@@ -152,6 +151,21 @@ def _traps(layer: _BatchNorm) -> list[str]:
     if skipped:
         found.append(f"{skipped} running update(s) skipped for non-finite batch statistics")
     return found
+
+
+def _untracked_trap(layer: _BatchNorm, plan: Plan) -> list[str]:
+    """What switching ``track_running_stats`` off after construction changed, if anything (Lightning's
+    ``BaseFinetuning.freeze_module`` does it)."""
+    tracked = make_plan(layer_policy(layer), momentum=layer.momentum, track_running_stats=True,
+                        has_running_stats=True)
+    lost = [mode for mode, now, was in (("train()", plan.train, tracked.train), ("eval()", plan.eval, tracked.eval))
+            if now.update == "none" and was.update != "none"]
+    if not lost:
+        return []
+    stale = [mode for mode, step in (("train()", plan.train), ("eval()", plan.eval)) if step.normalize == "running"]
+    return [f"track_running_stats was switched off after construction: the running statistics no longer update "
+            f"in {' and '.join(lost)}" + (f", and {' and '.join(stale)} normalize{'s' * (len(stale) == 1)} with "
+                                           "those stale buffers" if stale else "")]
 
 
 def _shift(layer: _BatchNorm, x: Tensor) -> tuple[float | None, float | None, float | None]:
