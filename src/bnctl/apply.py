@@ -141,11 +141,11 @@ class PolicyHandle:
         self._swaps: list[Swap] = []
         self.layers: list[str] = []
 
-    def _push(self, name: str, layer: _BatchNorm, policy: Policy) -> None:
+    def _push(self, name: str, layer: _BatchNorm, policy: Policy, process_group: Any = None) -> None:
         flags = grad_flags(layer)
         state = control(layer, name)
         token = object()
-        state.push(token, policy)
+        state.push(token, policy, process_group)
         self._applied.append((layer, state, token, flags))
         self.layers.append(display_name(name, layer))
         set_learn_affine(layer, policy.learn_affine)
@@ -180,6 +180,8 @@ def apply(
     policy: str | Policy,
     include: Selector = None,
     exclude: Selector = None,
+    *,
+    process_group: Any = None,
 ) -> PolicyHandle:
     """Give the selected BatchNorm layers of ``model`` a policy, in place.
 
@@ -195,6 +197,10 @@ def apply(
         include: which layers: an ``fnmatch`` pattern on qualified names, a
             list of patterns, or a predicate ``(name, module) -> bool``.
         exclude: which layers to leave alone (same forms).
+        process_group: the ``torch.distributed`` group over which layers with
+            a ``sync=True`` policy (and ``nn.SyncBatchNorm`` layers) compute
+            batch statistics; default: an ``nn.SyncBatchNorm``'s own
+            ``process_group``, else the world group.
 
     Returns:
         A :class:`PolicyHandle`; ``handle.remove()`` restores what was there.
@@ -227,7 +233,7 @@ def apply(
             f"model: {found or 'none'}."
         )
     _check_not_wrapped(model, targets, resolved)
-    handle = apply_to(targets, resolved, model)
+    handle = apply_to(targets, resolved, model, process_group=process_group)
     if resolved.reads_running_stats and not resolved.updates:
         stale = [display_name(n, m) for n, m in targets if never_updated(*_stats(m))]
         if stale:
@@ -279,7 +285,8 @@ def _with_aux(layers: list[tuple[str, _BatchNorm]]) -> list[tuple[str, _BatchNor
 
 
 def apply_to(
-    layers: list[tuple[str, _BatchNorm]], policy: Policy, model: nn.Module | None = None
+    layers: list[tuple[str, _BatchNorm]], policy: Policy, model: nn.Module | None = None, *,
+    process_group: Any = None,
 ) -> PolicyHandle:
     """:func:`apply` on a list of ``(name, layer)``: every layer checked first, then all or nothing.
 
@@ -297,7 +304,7 @@ def apply_to(
             if is_frozen_batchnorm(layer):
                 handle._swaps.append(swap_in(model, name, layer))
                 layer = handle._swaps[-1].stand_in
-            handle._push(name, layer, policy)
+            handle._push(name, layer, policy, process_group)
     except BaseException:
         handle.remove()  # never leave a model half-converted
         raise
@@ -329,7 +336,8 @@ def no_update_layers(layers: list[tuple[str, _BatchNorm]]) -> Iterator[None]:
 
 @contextmanager
 def using(
-    model: nn.Module, policy: str | Policy, include: Selector = None, exclude: Selector = None
+    model: nn.Module, policy: str | Policy, include: Selector = None, exclude: Selector = None, *,
+    process_group: Any = None,
 ) -> Iterator[PolicyHandle]:
     """Context manager: :func:`apply` on entry, ``remove()`` on exit (also on error).
 
@@ -340,7 +348,7 @@ def using(
         >>> int(bn.num_batches_tracked), type(bn) is torch.nn.BatchNorm1d
         (0, True)
     """
-    with apply(model, policy, include, exclude) as handle:
+    with apply(model, policy, include, exclude, process_group=process_group) as handle:
         yield handle
 
 

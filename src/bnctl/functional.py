@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import normalize_with_stats, reduce_dims
+from .distributed import gather_rows, global_stats, merge_rows
 from .policy import Mode, Normalize, Step, make_step
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "batch_norm",
     "batched",
     "batch_stats",
+    "check_eps",
     "copy_if_finite_",
     "ema",
     "ema_weight",
@@ -158,12 +160,17 @@ def step_for_batch(step: Step, x: Tensor, eps: float, has_running_stats: bool, l
         if not (step.fallback and has_running_stats):
             raise _one_value_error(x, layer)
         step = step._replace(normalize="running", update="none")
+    check_eps(eps, layer)
+    return step
+
+
+def check_eps(eps: float, layer: str) -> None:
+    """Raise, naming ``layer``, unless ``eps > 0`` (recent PyTorch refuses anything else)."""
     if not eps > 0:
         raise ValueError(
             f"{layer}: expected eps > 0, got eps={eps!r}. Set the layer's eps to a small positive "
             "number (PyTorch's default is 1e-5)."
         )
-    return step
 
 
 def _running(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -231,18 +238,26 @@ def _renorm(
     with weight ``w * r`` and bias ``b + w * d``, so forward and backward run
     at native speed and the gradient through ``mean_B``/``var_B`` is exact.
     """
-    rmax, dmax = limits
     with torch.no_grad():
-        running_std = torch.sqrt(running_var + eps)
-        r = torch.sqrt(stats.var + eps) / running_std
-        r = torch.minimum(torch.maximum(r, 1.0 / torch.as_tensor(rmax)), torch.as_tensor(rmax))
-        d = (stats.mean - running_mean) / running_std
-        d = torch.minimum(torch.maximum(d, -torch.as_tensor(dmax)), torch.as_tensor(dmax))
+        r, d = _renorm_factors(stats, running_mean, running_var, eps, limits)
     w = r if weight is None else weight * r
     b = d if weight is None else weight * d
     if bias is not None:
         b = b + bias
     return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+
+def _renorm_factors(
+    stats: BatchStats, running_mean: Tensor, running_var: Tensor, eps: float, limits: Limits
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's clipped ``r = sigma_B / sigma`` and ``d = (mu_B - mu) / sigma``."""
+    rmax, dmax = limits
+    running_std = torch.sqrt(running_var + eps)
+    r = torch.sqrt(stats.var + eps) / running_std
+    r = torch.minimum(torch.maximum(r, 1.0 / torch.as_tensor(rmax)), torch.as_tensor(rmax))
+    d = (stats.mean - running_mean) / running_std
+    d = torch.minimum(torch.maximum(d, -torch.as_tensor(dmax)), torch.as_tensor(dmax))
+    return r, d
 
 
 def _blend(
@@ -266,14 +281,19 @@ def normalize(
     bias: Tensor | None,
     eps: float,
     limits: Limits = (3.0, 5.0),
+    *,
+    group: Any = None,
 ) -> Tensor:
     """``x`` normalized with the statistics ``how`` names, then scaled and shifted.
 
     ``how`` is ``"batch"``, ``"running"``, ``"renorm"`` (with ``limits``
     ``(r_max, d_max)``) or a blend weight. Nothing is observed or updated;
     the running statistics are constants, given to PyTorch's kernel as they
-    are (as ``torch.nn.BatchNorm*d`` in eval() does).
+    are (as ``torch.nn.BatchNorm*d`` in eval() does). With a process
+    ``group``, batch statistics are those of every rank's batch together.
     """
+    if group is not None and how != "running":
+        return _synced(x, how, running_mean, running_var, weight, bias, eps, limits, group, observe=False)[0]
     if how == "batch":
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if how == "running":
@@ -292,6 +312,7 @@ def normalize_and_observe(
     *,
     limits: Limits = (3.0, 5.0),
     ema_weight: float | None = None,
+    group: Any = None,
 ) -> tuple[Tensor, Observed]:
     """:func:`normalize`, also returning what the batch says about the running statistics.
 
@@ -301,7 +322,14 @@ def normalize_and_observe(
     kernel (bit-identical to ``torch.nn.BatchNorm*d``). The running statistics
     are only read, and only copies of them reach autograd (the caller updates
     them next); their dtype is the dtype of the observed statistics.
+
+    With a process ``group`` (``torch.distributed``), the batch is the union
+    of every rank's ``x``: normalization, its gradient and the observed
+    statistics are those of that union (:mod:`bnctl.distributed`), identical
+    on every rank; ``ema_weight`` is then ignored.
     """
+    if group is not None:
+        return _synced(x, how, running_mean, running_var, weight, bias, eps, limits, group, observe=True)
     if how == "batch":
         if ema_weight is not None:
             new = torch.stack([running_mean, running_var])  # updated by the kernel, returned
@@ -320,6 +348,41 @@ def normalize_and_observe(
         stats = batch_stats(x)
         return _renorm(x, stats, running_mean, running_var, weight, bias, eps, limits), stats
     return _blend(x, float(how), running_mean, running_var, weight, bias, eps)
+
+
+def _synced(
+    x: Tensor, how: Normalize, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+    bias: Tensor | None, eps: float, limits: Limits, group: Any, *, observe: bool,
+) -> tuple[Tensor, Observed]:
+    """:func:`normalize_and_observe` over the union of every rank's batch (one collective forward,
+    one in backward; none when normalizing with running statistics and observing nothing)."""
+    if how == "running":
+        out = _running(x, running_mean, running_var, weight, bias, eps, updated_next=observe)
+        if not observe:
+            return out, x.new_empty(0)
+        with torch.no_grad():
+            stats = global_stats(x.detach(), group)
+        return out, BatchStats(stats.mean, stats.var, stats.n)
+    stats = global_stats(x, group)
+    if stats.n == 1:
+        raise ValueError(
+            "expected more than 1 value per channel over all ranks to compute batch statistics, got 1. "
+            "Use larger batches, or a policy that normalizes with running statistics."
+        )
+    mean, var = stats.mean.to(x.dtype), stats.var.to(x.dtype)
+    observed = BatchStats(stats.mean.detach(), stats.var.detach(), stats.n)
+    if how == "batch":
+        return normalize_with_stats(x, mean, var, weight, bias, eps), observed
+    if how == "renorm":
+        with torch.no_grad():
+            r, d = _renorm_factors(observed, running_mean, running_var, eps, limits)
+        w = r.to(x.dtype) if weight is None else weight * r.to(x.dtype)
+        b = d.to(x.dtype) if weight is None else weight * d.to(x.dtype)
+        return normalize_with_stats(x, mean, var, w, b if bias is None else b + bias, eps), observed
+    alpha = float(how)
+    mean = alpha * mean + (1.0 - alpha) * running_mean
+    var = alpha * var + (1.0 - alpha) * running_var
+    return normalize_with_stats(x, mean, var, weight, bias, eps), observed
 
 
 # -- update rules: new values, written by the caller ---------------------------------------
@@ -413,6 +476,13 @@ class Accumulator:
         n = int(self.count)
         return BatchStats(self.mean, self.m2 / max(n, 1), n)
 
+    def across(self, group: Any = None) -> Accumulator:
+        """Every rank's accumulator merged (one collective; every rank must call it)."""
+        row = torch.stack([self.count.expand_as(self.mean), self.mean, self.m2, self.batches.expand_as(self.mean)])
+        counts, means, m2s, batches = gather_rows(row, group).unbind(1)
+        count, mean, m2 = merge_rows(counts, means, m2s)
+        return Accumulator(count[0], mean, m2, batches.sum(0)[0])
+
 
 @dataclass
 class BatchAverage:
@@ -447,6 +517,14 @@ class BatchAverage:
 
     def population(self) -> tuple[Tensor, Tensor]:
         return self.mean, self.var
+
+    def across(self, group: Any = None) -> BatchAverage:
+        """Every rank's average merged, weighted by batches (one collective; every rank must call it)."""
+        row = torch.stack([self.mean, self.var, self.count.expand_as(self.mean), self.batches.expand_as(self.mean)])
+        means, variances, counts, batches = gather_rows(row, group).unbind(1)
+        total = batches.sum(0)
+        weights = batches / total.clamp_min(1)
+        return BatchAverage((weights * means).sum(0), (weights * variances).sum(0), counts.sum(0)[0], total[0])
 
 
 def new_running_values(

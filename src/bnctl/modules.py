@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -63,10 +63,10 @@ class _PolicyForward(_BatchNorm):
         step, t = forward.step, forward.tensors
         if step.update == "none":
             return normalize(input, step.normalize, t.running_mean, t.running_var, t.weight, t.bias, self.eps,
-                             forward.limits)
+                             forward.limits, group=forward.group)
         out, observed = normalize_and_observe(
             input, step.normalize, t.running_mean, t.running_var, t.weight, t.bias, self.eps,
-            limits=forward.limits, ema_weight=forward.ema_weight,
+            limits=forward.limits, ema_weight=forward.ema_weight, group=forward.group,
         )
         state.commit(self, forward, observed)
         return out
@@ -167,24 +167,11 @@ def _expected_shape(layer: _BatchNorm) -> str:
     return "(N, C, ...)"
 
 
-def _check_sync(layer: nn.Module) -> None:
-    step = layer._bnctl.plan(layer)[layer.training]
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and step.normalize != "running" and layer.training:
-        raise RuntimeError(
-            f"{layer._bnctl.name}: bnctl policies do not synchronize batch statistics across "
-            "processes yet, and a process group is initialized. Use bnctl.revert(model) to get "
-            "torch's SyncBatchNorm back, or a policy that normalizes with running statistics."
-        )
-
-
 class _SyncPolicyForward(nn.SyncBatchNorm, _PolicyForward):
     """The policy forward in place of torch's ``SyncBatchNorm.forward`` (so a subclass's
-    ``super().forward()`` reaches bnctl's)."""
+    ``super().forward()`` reaches bnctl's, which synchronizes over the layer's ``process_group``)."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        _check_sync(self)
-        return _PolicyForward.forward(self, input)
+    forward = _PolicyForward.forward
 
 
 # -- taking layers under control -----------------------------------------------------------
@@ -563,9 +550,9 @@ class SyncBatchNorm(_Constructor, _SyncPolicyForward):
     """:class:`torch.nn.SyncBatchNorm` that follows a :class:`bnctl.Policy`.
 
     Without an initialized process group it behaves as the matching
-    ``bnctl.BatchNorm*d``; with one, policies that normalize with batch
-    statistics in ``train()`` raise (bnctl does not synchronize statistics
-    yet), so nothing silently uses per-process statistics.
+    ``bnctl.BatchNorm*d``; with one, every batch statistic its policy uses
+    or writes spans all ranks of its ``process_group`` (whatever the
+    policy's ``sync``), on CPU (gloo) as on GPU.
     """
 
 

@@ -117,6 +117,12 @@ class Policy:
             ``r`` is clipped to ``[1, 1]`` and ``d`` to ``[0, 0]`` until
             ``start``, then the limits grow linearly to ``rmax``/``dmax`` at
             ``end`` (Ioffe 2017 used 5k and 40k steps).
+        sync: compute every batch statistic the layer uses or writes over
+            the union of all ranks' batches (``torch.distributed``; the
+            layer's process group, see :func:`bnctl.apply`): normalization,
+            its gradient, EMA and cumulative updates, the non-finite guard.
+            Without an initialized process group it changes nothing.
+            ``nn.SyncBatchNorm`` layers synchronize under any policy.
         name: preset name, for messages and reports. A policy derived from
             a preset with :func:`dataclasses.replace` keeps the name but
             displays the fields it changed (see :attr:`label`).
@@ -143,6 +149,7 @@ class Policy:
     rmax: float = 3.0
     dmax: float = 5.0
     renorm_warmup: tuple[int, int] = (5000, 40000)
+    sync: bool = False
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -169,6 +176,8 @@ class Policy:
             raise ValueError(f"Policy.rmax: expected a number >= 1, got {self.rmax!r}.")
         if not (isinstance(self.dmax, (int, float)) and self.dmax >= 0.0):
             raise ValueError(f"Policy.dmax: expected a number >= 0, got {self.dmax!r}.")
+        if not isinstance(self.sync, bool):
+            raise ValueError(f"Policy.sync: expected True or False, got {self.sync!r}.")
         warm = self.renorm_warmup
         if not (
             isinstance(warm, tuple)

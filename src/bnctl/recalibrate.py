@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .apply import Selector, batchnorm_layers, using_layers
+from .distributed import active
 from .domains import domain as domain_scope
 from .domains import layers_with
 from .frozen import is_frozen_batchnorm, swap_in, swap_out
@@ -90,6 +91,8 @@ def recalibrate(
     progress: bool | None = None,
     domain: str | None = None,
     estimator: str = "exact",
+    sync: bool = False,
+    process_group: Any = None,
 ) -> list[str]:
     """Recompute the running statistics of BatchNorm layers over ``data``, exactly.
 
@@ -138,6 +141,13 @@ def recalibrate(
             pycls compute. It leaves out the spread between batch means, so it
             underestimates the variance when batches differ (small or
             non-i.i.d. batches), and it depends on the batch size.
+        sync: with an initialized ``torch.distributed`` process group, each
+            rank passes its own ``data`` (layers normalize with that rank's
+            batches on the way through), and at the end the statistics of
+            every rank's data are merged (one collective per layer and
+            domain) and written on every rank: ranks may have different
+            numbers of batches, or none. Every rank must call it.
+        process_group: the group to merge over (default: the world group).
 
     Returns:
         The qualified names of the layers that were recalibrated.
@@ -177,6 +187,8 @@ def recalibrate(
             stack.enter_context(torch.no_grad())
             seen = _run(model, data, num_batches, forward or call_model, progress)
             pools = [state.pools for state in states]
+        if sync and active():
+            seen, reached = _across_ranks(targets, pools, seen, reached, process_group)
         _check_data(seen, num_batches, targets, reached, pools, strict)
         with torch.no_grad():
             done = [display_name(name, layer) for (name, layer), pool in zip(targets, pools)
@@ -234,6 +246,20 @@ def _run(model: nn.Module, data: Iterable[Any], num_batches: int | None,
         if bar is not None:
             bar.close()
     return seen
+
+
+def _across_ranks(targets: list[tuple[str, Any]], pools: list[Pools], seen: int, reached: set[int],
+                  group: Any) -> tuple[int, set[int]]:
+    """Every rank's batches and pools merged: the total batch count, the layers any rank reached, and
+    each layer's pools (per domain) replaced by the merge of all ranks' (on every rank)."""
+    device = targets[0][1].running_mean.device
+    flags = torch.tensor([seen] + [id(m) in reached for _, m in targets], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(flags, group=group)
+    for (_, layer), pool in zip(targets, pools):
+        for name in domains(layer):  # the same on every rank, so every rank makes the same collectives
+            local = pool.by_domain.get(name) or pool.kind.empty(layer.num_features, device)
+            pool.by_domain[name] = local.across(group)
+    return int(flags[0]), {id(m) for (_, m), flag in zip(targets, flags[1:].tolist()) if flag}
 
 
 def _check_data(seen: int, num_batches: int | None, targets: list[tuple[str, Any]], reached: set[int],

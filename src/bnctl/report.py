@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .apply import batchnorm_layers
+from .distributed import active
 from .frozen import is_frozen_batchnorm
 from .modules import check_materialized, display_name, is_uninitialized, layer_plan, layer_policy, layer_state
 from .policy import Plan, Step, make_plan
@@ -44,6 +45,7 @@ class LayerReport:
     num_batches_tracked: int | None
     skipped_updates: int
     domains: list[str]
+    sync: str = "-"
     warnings: list[str] = field(default_factory=list)
     mean_shift: float | None = None
     log_var_ratio: float | None = None
@@ -70,7 +72,7 @@ class Report:
             return "no BatchNorm layers"
         with_batch = any(layer.mean_shift is not None for layer in self.layers)
         header = ["layer", "class", "policy", "train()", "eval()", "affine", "momentum", "eps",
-                  "batches", "skipped"]
+                  "batches", "skipped", "sync"]
         if with_batch:
             header += ["mean shift", "log var ratio", "train/eval gap"]
         rows = []
@@ -78,7 +80,7 @@ class Report:
             row = [r.name, r.cls, r.policy, r.train, r.eval, r.affine,
                    "None" if r.momentum is None else f"{r.momentum:g}", f"{r.eps:g}",
                    "-" if r.num_batches_tracked is None else str(r.num_batches_tracked),
-                   str(r.skipped_updates)]
+                   str(r.skipped_updates), r.sync]
             if with_batch:
                 row += ["-" if v is None else f"{v:.3f}"
                         for v in (r.mean_shift, r.log_var_ratio, r.train_eval_gap)]
@@ -242,7 +244,22 @@ def _row(name: str, layer: _BatchNorm) -> LayerReport:
     if layer.num_batches_tracked is not None:
         row.num_batches_tracked = int(layer.num_batches_tracked)
     row.warnings = _traps(layer)
+    row.sync = _sync_text(layer)
     return row
+
+
+def _sync_text(layer: _BatchNorm) -> str:
+    """Over which ranks the layer's batch statistics are computed: ``-`` (its own batch), or the
+    group and its size."""
+    if not (layer_policy(layer).sync or isinstance(layer, nn.SyncBatchNorm)):
+        return "-"
+    if not active():
+        return "no process group"
+    state = layer_state(layer)
+    group = state.sync_group(layer) if state is not None else getattr(layer, "process_group", None)
+    world = torch.distributed.group.WORLD
+    name = "world" if group is None or group is world else "group"
+    return f"{name} ({torch.distributed.get_world_size(group)} ranks)"
 
 
 def _frozen_row(name: str, layer: nn.Module) -> LayerReport:

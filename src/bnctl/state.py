@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .distributed import active
 from .functional import (
     Accumulator,
     BatchAverage,
@@ -37,6 +38,7 @@ from .functional import (
     Observed,
     Status,
     batched,
+    check_eps,
     copy_if_finite_,
     ema_weight,
     new_running_values,
@@ -122,7 +124,8 @@ class Forward(NamedTuple):
     ``ema_weight`` is set when the native kernel computes the EMA itself (a
     direct ``"ema"`` update of a ``"batch"`` step); otherwise the forward
     observes the batch's statistics (or nothing, when ``step.update`` is
-    ``"none"``).
+    ``"none"``). ``group`` is the process group whose ranks' batches make the
+    batch (``None``: this rank's alone).
     """
 
     step: Step
@@ -130,6 +133,7 @@ class Forward(NamedTuple):
     domain: str
     limits: Limits
     ema_weight: float | None
+    group: Any = None
 
 
 @dataclass
@@ -206,6 +210,7 @@ class Applied:
     token: object
     policy: Policy
     accumulators: dict[str, Accumulator] = field(default_factory=dict)
+    process_group: Any = None
 
 
 def _inference_safe(make: Any, *args: Any) -> Any:
@@ -262,8 +267,23 @@ class LayerState:
         own, and removing it brings back those of the policy under it."""
         return self.policies[-1].accumulators if self.policies else self.base_accumulators
 
-    def push(self, token: object, policy: Policy) -> None:
-        self.policies.append(Applied(token, policy))
+    def push(self, token: object, policy: Policy, process_group: Any = None) -> None:
+        self.policies.append(Applied(token, policy, process_group=process_group))
+
+    def sync_group(self, layer: nn.Module) -> Any:
+        """The process group whose batches this layer's batch statistics span, or ``None`` (local).
+
+        A layer synchronizes when its policy says ``sync=True`` or it is an
+        ``nn.SyncBatchNorm``, and a process group is initialized. The group is
+        the one given to :func:`bnctl.apply`, else the layer's own
+        ``process_group`` (``nn.SyncBatchNorm``), else the default (world) group.
+        """
+        if not (self.policy.sync or isinstance(layer, nn.SyncBatchNorm)) or not active():
+            return None
+        group = self.policies[-1].process_group if self.policies else None
+        if group is None:
+            group = getattr(layer, "process_group", None)
+        return torch.distributed.group.WORLD if group is None else group
 
     def pop(self, token: object) -> None:
         self.require_top(token)
@@ -310,20 +330,26 @@ class LayerState:
     def _decide(self, layer: nn.Module, x: Tensor) -> Forward:
         tensors = self.tensors(layer)
         step = self.plan(layer)[layer.training]
-        step = step_for_batch(step, x, layer.eps, tensors.running_mean is not None, self.name)
+        group = self.sync_group(layer)
+        if group is None:
+            step = step_for_batch(step, x, layer.eps, tensors.running_mean is not None, self.name)
+        else:  # the batch is every rank's: its size is known after the collective, in the forward
+            check_eps(layer.eps, self.name)
         if self.no_update and step.update != "none":
             step = step._replace(update="none")
         limits: Limits = (3.0, 5.0)
         if step.renorm is not None and step.normalize == "renorm":
             limits = renorm_limits(*step.renorm, tensors.num_batches_tracked)
+        if step.normalize == "running" and step.update == "none":
+            group = None  # nothing of the batch is used: no collective
         weight = None
-        if step.update == "ema" and step.normalize == "batch" and self.pools is None:
+        if step.update == "ema" and step.normalize == "batch" and self.pools is None and group is None:
             weight = ema_weight(step.momentum, tensors.num_batches_tracked)
             if isinstance(weight, Tensor) or transformed():
                 weight = None  # the kernel takes a float weight, and under vmap its writes into views are lost
         if self.policy.learn_affine is False:  # frozen means frozen, whatever requires_grad says
             tensors = tensors.detached_affine()
-        return Forward(step, tensors, self.domain, limits, weight)
+        return Forward(step, tensors, self.domain, limits, weight, group)
 
     @staticmethod
     def _record(tape: Tape, layer: nn.Module, forward: Forward) -> None:
@@ -335,8 +361,8 @@ class LayerState:
     def commit(self, layer: nn.Module, forward: Forward, observed: Observed) -> None:
         """Write what a forward observed: into the pool of an ``accumulate``/``recalibrate``
         block, or (guarded) into the running statistics. Never during a replay."""
-        if self.replay is not None:
-            return
+        if self.replay is not None or (isinstance(observed, BatchStats) and observed.n == 0):
+            return  # (an empty batch over all ranks of a synchronized layer updates nothing)
         if self.pools is None:
             step = forward.step
             self.write(forward.domain, forward.tensors, step.update, step.momentum, observed)

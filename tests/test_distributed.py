@@ -1,0 +1,270 @@
+"""Synchronized batch statistics over gloo process groups on the CPU (2-4 ranks, float64, loopback).
+
+Each test spawns its ranks once; every rank runs all its cases and saves what it computed, and the
+parent compares with one process running the same policy, unsynchronized, on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import bnctl
+
+C = 3
+SYNCED = ["torch", "running_update", "renorm", "batch_no_update", "test_time", "recalibrate", "blend"]
+SLICES = {2: [3, 5], 3: [5, 0, 3], 4: [2, 1, 0, 5]}  # uneven, with an empty rank
+EXACT = dict(rtol=1e-12, atol=1e-12)
+
+
+def policy(name: str, sync: bool) -> bnctl.Policy:
+    base = bnctl.Policy(0.5, "ema", "running", "none", name=None) if name == "blend" else bnctl.PRESETS[name]
+    if name == "renorm":
+        base = dataclasses.replace(base, renorm_warmup=(0, 0), rmax=1.2, dmax=0.1)
+    return dataclasses.replace(base, sync=sync)
+
+
+def make_layer(name: str, sync: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layer = bnctl.BatchNorm2d(C, momentum=0.3, dtype=torch.float64)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.randn(C))
+        layer.running_var.copy_(torch.rand(C) + 0.5)
+        layer.weight.copy_(torch.rand(C) + 0.5)
+        layer.bias.copy_(torch.randn(C))
+    bnctl.apply(layer, policy(name, sync))
+    return layer
+
+
+def batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two steps of (input, upstream gradient) for the whole batch."""
+    g = torch.Generator().manual_seed(1)
+    n = sum(SLICES[world])
+    return [(3 * torch.randn(n, C, 2, 2, generator=g, dtype=torch.float64) + 2,
+             torch.randn(n, C, 2, 2, generator=g, dtype=torch.float64)) for _ in range(2)]
+
+
+def run_layer(layer: nn.Module, steps: list[tuple[torch.Tensor, torch.Tensor]], training: bool) -> dict:
+    """Forward, backward with the given upstream gradient, per step; outputs, input and affine gradients
+    (summed over steps), and the buffers after."""
+    out: dict = {"y": [], "dx": []}
+    layer.train(training)
+    for x, g in steps:
+        x = x.clone().requires_grad_(True)
+        y = layer(x)
+        y.backward(g)
+        out["y"].append(y.detach())
+        out["dx"].append(x.grad)
+    out["dw"], out["db"] = layer.weight.grad, layer.bias.grad
+    out["buffers"] = {k: v.clone() for k, v in layer.named_buffers()}
+    return out
+
+
+def _worker(rank: int, world: int, store: str, task: Callable, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.save(task(rank, world), os.path.join(results, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(task: Callable, world: int) -> list:
+    """Run ``task(rank, world)`` on ``world`` gloo ranks; each rank's return value, in rank order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), task, tmp), nprocs=world)
+        return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def _slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    start = sum(SLICES[world][:rank])
+    return t[start:start + SLICES[world][rank]]
+
+
+def layer_cases(rank: int, world: int) -> dict:
+    counts = _count_collectives()
+    found = {}
+    for name in SYNCED:
+        for training in (True, False):
+            steps = [(_slice(x, rank, world), _slice(g, rank, world)) for x, g in batches(world)]
+            counts.clear()
+            found[name, training] = run_layer(make_layer(name, True), steps, training)
+            found[name, training]["collectives"] = len(counts)
+    return found
+
+
+def _count_collectives() -> list:
+    calls: list = []
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    return calls
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_k_ranks_compute_what_one_process_computes_on_the_whole_batch(world):
+    ranks = spawn(layer_cases, world)
+    for name in SYNCED:
+        for training in (True, False):
+            ref = run_layer(make_layer(name, False), batches(world), training)
+            got = [r[name, training] for r in ranks]
+            for step in range(2):
+                torch.testing.assert_close(torch.cat([g["y"][step] for g in got]), ref["y"][step], **EXACT)
+                torch.testing.assert_close(torch.cat([g["dx"][step] for g in got]), ref["dx"][step], **EXACT)
+            for key in ("dw", "db"):  # summed over ranks (None where the policy freezes the affine part)
+                summed = None if ref[key] is None else sum(g[key] for g in got)
+                torch.testing.assert_close(summed, ref[key], **EXACT)
+            for g in got:  # identical buffers on every rank, equal to the single process's
+                for key, value in ref["buffers"].items():
+                    torch.testing.assert_close(g["buffers"][key], value, **EXACT)
+            uses_batch = policy(name, True).mode(training).normalize != "running"
+            updates = policy(name, True).mode(training).update != "none"
+            expected = 2 * (2 * uses_batch + (updates and not uses_batch))  # per step: forward (+ backward)
+            assert {g["collectives"] for g in got} == {expected}, (name, training)
+
+
+def nan_case(rank: int, world: int) -> dict:
+    out = {}
+    for name in ("torch", "running_update", "recalibrate"):
+        layer = make_layer(name, True)
+        before = {k: v.clone() for k, v in layer.named_buffers()}
+        x = _slice(batches(world)[0][0], rank, world).clone()
+        if rank == 1:
+            x[0, 0, 0, 0] = float("nan")
+        with torch.no_grad():
+            layer.train()(x)
+        out[name] = all(torch.equal(before[k], v) for k, v in layer.named_buffers())
+    return out
+
+
+def test_a_non_finite_statistic_on_one_rank_skips_the_update_on_every_rank():
+    assert spawn(nan_case, 2) == [{"torch": True, "running_update": True, "recalibrate": True}] * 2
+
+
+def sync_batchnorm_case(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    layer = nn.SyncBatchNorm(C).double()
+    bnctl.apply(layer, "running_update")  # an nn.SyncBatchNorm synchronizes under any policy
+    x = _slice(batches(world)[0][0], rank, world)
+    with torch.no_grad():
+        layer.train()(x)
+    group = dist.new_group([0, 1])
+    other = make_layer("torch", True)
+    bnctl.apply(other, policy("torch", True), process_group=group)
+    return {"running_mean": layer.running_mean,
+            "report": [r.sync for r in bnctl.report(nn.Sequential(layer, other, nn.BatchNorm2d(C))).layers]}
+
+
+def test_sync_batchnorm_synchronizes_under_its_policy_on_the_cpu():
+    x = batches(2)[0][0]
+    ref = nn.BatchNorm2d(C).double()
+    torch.manual_seed(0)
+    bnctl.apply(ref, "running_update")
+    with torch.no_grad():
+        ref.train()(x)
+    for got in spawn(sync_batchnorm_case, 2):
+        torch.testing.assert_close(got["running_mean"], ref.running_mean, **EXACT)
+        assert got["report"] == ["world (2 ranks)", "group (2 ranks)", "-"]
+
+
+def recalibrate_case(rank: int, world: int) -> dict:
+    model = _model()
+    data = _data()
+    mine = [b for i, b in enumerate(data) if i % (world + 1) == rank]  # last shares nothing with rank world
+    if rank == world - 1:
+        mine = []  # a rank with no batches at all
+    done = bnctl.recalibrate(model, mine if rank < world - 1 else [], sync=True)
+    return {"done": done, "buffers": {k: v.clone() for k, v in model.named_buffers()}}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(C, C, 1), nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 1),
+                         nn.BatchNorm2d(C)).double()
+
+
+def _data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [3 * torch.randn(4 + i, C, 3, 3, generator=g, dtype=torch.float64) + 1 for i in range(6)]
+
+
+def test_recalibrate_with_sync_merges_every_ranks_data_once():
+    world = 3
+    ranks = spawn(recalibrate_case, world)
+    used = [b for i, b in enumerate(_data()) if i % (world + 1) < world - 1]
+    ref = _model()
+    # the first layer's statistics do not depend on how the data was split: compare with one process
+    bnctl.recalibrate(ref, used, layers="1")
+    for got in ranks:
+        assert got["done"] == ["1", "4"]
+        for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+            torch.testing.assert_close(got["buffers"][key], dict(ref.named_buffers())[key], **EXACT)
+        for key, value in ranks[0]["buffers"].items():  # every rank writes the same
+            assert torch.equal(got["buffers"][key], value)
+
+
+def ddp_case(rank: int, world: int) -> dict:
+    model = _trained_model(sync=True)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    _train(ddp, model, lambda x: x.chunk(world)[rank])
+    return {k: v.detach().clone() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def _trained_model(sync: bool) -> nn.Module:
+    model = _model()
+    bnctl.apply(model, dataclasses.replace(bnctl.PRESETS["torch"], sync=sync))
+    return model
+
+
+def _train(wrapped: nn.Module, model: nn.Module, part: Callable) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = 2 * torch.randn(8, C, 3, 3, generator=g, dtype=torch.float64) + 1
+        opt.zero_grad()
+        wrapped.train()(part(x)).square().mean().backward()  # the mean over an equal slice: DDP averages
+        opt.step()
+
+
+def test_ddp_with_synced_policies_trains_like_one_process_on_the_whole_batches():
+    ranks = spawn(ddp_case, 2)
+    ref = _trained_model(sync=False)
+    _train(ref, ref, lambda x: x)
+    want = {k: v.detach() for k, v in [*ref.named_parameters(), *ref.named_buffers()]}
+    for got in ranks:
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-12)
+
+
+def test_sync_without_a_process_group_is_the_local_policy_bit_for_bit():
+    steps = batches(2)
+    for name in SYNCED:
+        for training in (True, False):
+            got = run_layer(make_layer(name, True), steps, training)
+            ref = run_layer(make_layer(name, False), steps, training)
+            for key in ("y", "dx"):
+                assert all(torch.equal(a, b) for a, b in zip(got[key], ref[key]))
+            assert all(torch.equal(v, ref["buffers"][k]) for k, v in got["buffers"].items())
+
+
+def test_report_says_a_synced_layer_has_no_process_group_to_sync_over():
+    rows = bnctl.report(nn.Sequential(make_layer("torch", True), nn.BatchNorm2d(C))).layers
+    assert [r.sync for r in rows] == ["no process group", "-"]
+
+
+def test_policy_sync_must_be_a_bool():
+    with pytest.raises(ValueError, match="Policy.sync"):
+        bnctl.Policy(sync=1)
+    assert copy.copy(bnctl.PRESETS["torch"]).sync is False
