@@ -268,3 +268,23 @@ def test_policy_sync_must_be_a_bool():
     with pytest.raises(ValueError, match="Policy.sync"):
         bnctl.Policy(sync=1)
     assert copy.copy(bnctl.PRESETS["torch"]).sync is False
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_sync_normalize_gradcheck_on_one_rank(alpha):
+    from bnctl.distributed import sync_normalize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
+        try:
+            x = (2 * torch.randn(5, C, 3, 2, dtype=torch.float64) + 1).requires_grad_(True)
+            w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+            b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+            rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+
+            def f(x, w, b):
+                return sync_normalize(x, w, b, 1e-5, None, alpha=alpha, running_mean=rm, running_var=rv)[0]
+
+            assert torch.autograd.gradcheck(f, (x, w, b))
+        finally:
+            dist.destroy_process_group()

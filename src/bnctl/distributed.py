@@ -1,12 +1,14 @@
 """Batch statistics over every rank of a process group (``torch.distributed``; gloo or NCCL).
 
-Each rank reduces its own slice to per-channel ``(count, mean, M2)`` in
-float64; one collective gathers every rank's triple and each rank merges
-them the same way (Chan et al.'s parallel formula: stable, exact for any
-split, an empty slice contributing nothing). The gather is an ``all_reduce``
-of a table in which each rank fills its own row, so its autograd backward is
-one ``all_reduce`` too: the gradient reaching each rank's input includes what
-every other rank's loss says about the shared mean and variance.
+Each rank reduces its own slice to per-channel ``(count, mean, M2)`` (PyTorch's
+kernel), one collective gathers every rank's triple (an ``all_reduce`` of a
+table in which each rank fills its own row) and each rank merges them the
+same way, in float64 (Chan et al.'s parallel formula: stable, exact for any
+split, an empty slice contributing nothing). Normalization with those
+statistics has a hand-written backward whose one collective sums two
+per-channel reductions over the ranks, so the gradient reaching each rank's
+input includes what every other rank's loss says about the shared mean and
+variance.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .autograd import reduce_dims
-
-__all__ = ["GlobalStats", "active", "gather_rows", "global_stats", "merge_rows"]
+__all__ = ["GlobalStats", "active", "gather_rows", "global_stats", "merge_rows", "sync_normalize"]
 
 
 def active() -> bool:
@@ -68,8 +70,8 @@ def merge_rows(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tens
 
 
 class GlobalStats(NamedTuple):
-    """Per-channel statistics of the union of every rank's batch: mean, biased variance (both
-    float64, differentiable with respect to this rank's input) and the total count of values."""
+    """Per-channel statistics of the union of every rank's batch: mean and biased variance (float64)
+    and the total count of values per channel."""
 
     mean: Tensor
     var: Tensor
@@ -79,16 +81,84 @@ class GlobalStats(NamedTuple):
 def global_stats(x: Tensor, group: Any = None) -> GlobalStats:
     """Mean and biased variance per channel over all ranks' ``x`` (``(N_r, C, *)``, any ``N_r >= 0``).
 
-    One collective forward (and, under autograd, one backward). Every rank
-    must call it, also with an empty slice; every rank gets the same values.
+    Each rank's own statistics come from PyTorch's kernel (at the input's
+    precision, float32 for lower ones), the merge is float64. One collective;
+    every rank must call it, also with an empty slice; every rank gets the
+    same values. No gradient.
     """
-    dims = reduce_dims(x.dim())
-    n = x.numel() // x.shape[1] if x.shape[1] else 0
-    xs = x.to(torch.float64)
-    mean = xs.sum(dims) / max(n, 1)
-    m2 = ((xs - mean.reshape((1, -1) + (1,) * (x.dim() - 2))) ** 2).sum(dims)
-    row = torch.stack([torch.full_like(mean, float(n)).detach(), mean, m2])
-    counts, means, m2s = gather_rows(row, group).unbind(1)
-    total, mean_g, m2_g = merge_rows(counts, means, m2s)
+    with torch.no_grad():
+        n = x.numel() // x.shape[1] if x.shape[1] else 0
+        if n:
+            xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
+            mean, m2 = mean.to(torch.float64), var.to(torch.float64) * n
+        else:
+            mean = m2 = x.new_zeros(x.shape[1], dtype=torch.float64)
+        counts, means, m2s = gather_rows(torch.stack([torch.full_like(mean, float(n)), mean, m2]), group).unbind(1)
+        total, mean_g, m2_g = merge_rows(counts, means, m2s)
     count = int(total[0]) if total.numel() else 0  # equal over channels; one host read
     return GlobalStats(mean_g, m2_g / max(count, 1), count)
+
+
+class _SyncNormalize(torch.autograd.Function):
+    """``y = (x - mean) / sqrt(var + eps) * w + b`` with ``mean = alpha * mean_G + (1 - alpha) * mu``
+    (the variance alike), ``mean_G``/``var_G`` over every rank's batch and ``mu``/``sigma2`` constants.
+
+    Backward, per channel, with ``G1 = sum(dy)`` and ``Gxy = sum(dy * (x - mean))`` summed over all
+    ranks (the one collective of the backward) and ``N`` the total count:
+    ``dx = w * invstd * (dy - alpha/N * G1 - alpha/N * invstd^2 * (x - mean_G) * Gxy)``;
+    ``dw`` and ``db`` are this rank's own sums (summed over ranks they are the whole batch's).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, alpha: float,
+                running_mean: Tensor | None, running_var: Tensor | None, eps: float,
+                group: Any, given: GlobalStats | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        stats = global_stats(x, group) if given is None else given
+        mean, var = stats.mean, stats.var
+        if alpha != 1.0:
+            mean = alpha * mean + (1.0 - alpha) * running_mean.to(torch.float64)
+            var = alpha * var + (1.0 - alpha) * running_var.to(torch.float64)
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, var, stats.mean.to(x.dtype))
+        ctx.alpha, ctx.eps, ctx.group, ctx.n = alpha, eps, group, stats.n
+        count = torch.tensor(stats.n)
+        ctx.mark_non_differentiable(stats.mean, stats.var, count)
+        return y, stats.mean, stats.var, count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        x, weight, mean, var, mean_g = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (dy.dim() - 2)
+        w = torch.ones_like(mean) if weight is None else weight
+        if x.numel():  # one fused pass: dy * w * invstd, sum(dy * x_hat), sum(dy) (PyTorch's eval backward)
+            dx, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dy, x, w, mean, var, None, None, False, ctx.eps, [True, True, True])
+        else:  # an empty slice (the kernel does not take one) still joins the collective
+            dx, sum_dy_xhat, sum_dy = torch.empty_like(x), torch.zeros_like(w), torch.zeros_like(w)
+        invstd = torch.rsqrt(var + ctx.eps)
+        sums = torch.stack([sum_dy, sum_dy_xhat / invstd])  # sum(dy), sum(dy * (x - mean)), this rank's
+        dist.all_reduce(sums, group=ctx.group)
+        k = ctx.alpha / max(ctx.n, 1)
+        scale = w * invstd
+        slope = -scale * k * invstd * invstd * sums[1]  # dx += x * slope + offset, per channel
+        offset = -scale * k * sums[0] - slope * mean_g
+        grad_x = dx.addcmul_(x, slope.reshape(shape)).add_(offset.reshape(shape))
+        grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_dy if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def sync_normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any, *,
+    alpha: float = 1.0, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+    stats: GlobalStats | None = None,
+) -> tuple[Tensor, GlobalStats]:
+    """``x`` normalized with the statistics of every rank's batch (blended with the running ones
+    for ``alpha < 1``), and those statistics. One collective forward (none when ``stats``, from
+    :func:`global_stats` on the same ``x``, are given), one in backward."""
+    y, mean, var, count = _SyncNormalize.apply(x, weight, bias, alpha, running_mean, running_var, eps, group,
+                                               stats)
+    return y, GlobalStats(mean, var, int(count))

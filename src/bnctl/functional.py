@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import normalize_with_stats, reduce_dims
-from .distributed import gather_rows, global_stats, merge_rows
+from .distributed import gather_rows, global_stats, merge_rows, sync_normalize
 from .policy import Mode, Normalize, Step, make_step
 
 __all__ = [
@@ -360,29 +360,25 @@ def _synced(
         out = _running(x, running_mean, running_var, weight, bias, eps, updated_next=observe)
         if not observe:
             return out, x.new_empty(0)
-        with torch.no_grad():
-            stats = global_stats(x.detach(), group)
+        stats = global_stats(x, group)
         return out, BatchStats(stats.mean, stats.var, stats.n)
-    stats = global_stats(x, group)
+    if how == "renorm":
+        stats = global_stats(x, group)  # r and d need them before normalizing
+        with torch.no_grad():
+            r, d = _renorm_factors(BatchStats(*stats), running_mean, running_var, eps, limits)
+        r, d = r.to(x.dtype), d.to(x.dtype)
+        w, b = (r, d) if weight is None else (weight * r, weight * d)
+        out, stats = sync_normalize(x, w, b if bias is None else b + bias, eps, group, stats=stats)
+    else:
+        alpha = 1.0 if how == "batch" else float(how)
+        out, stats = sync_normalize(x, weight, bias, eps, group, alpha=alpha,
+                                    running_mean=running_mean, running_var=running_var)
     if stats.n == 1:
         raise ValueError(
             "expected more than 1 value per channel over all ranks to compute batch statistics, got 1. "
             "Use larger batches, or a policy that normalizes with running statistics."
         )
-    mean, var = stats.mean.to(x.dtype), stats.var.to(x.dtype)
-    observed = BatchStats(stats.mean.detach(), stats.var.detach(), stats.n)
-    if how == "batch":
-        return normalize_with_stats(x, mean, var, weight, bias, eps), observed
-    if how == "renorm":
-        with torch.no_grad():
-            r, d = _renorm_factors(observed, running_mean, running_var, eps, limits)
-        w = r.to(x.dtype) if weight is None else weight * r.to(x.dtype)
-        b = d.to(x.dtype) if weight is None else weight * d.to(x.dtype)
-        return normalize_with_stats(x, mean, var, w, b if bias is None else b + bias, eps), observed
-    alpha = float(how)
-    mean = alpha * mean + (1.0 - alpha) * running_mean
-    var = alpha * var + (1.0 - alpha) * running_var
-    return normalize_with_stats(x, mean, var, weight, bias, eps), observed
+    return out, BatchStats(*stats)
 
 
 # -- update rules: new values, written by the caller ---------------------------------------
