@@ -6,6 +6,7 @@ parent compares with one process running the same policy, unsynchronized, on the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -189,10 +190,12 @@ def recalibrate_case(rank: int, world: int) -> dict:
     return {"done": done, "buffers": {k: v.clone() for k, v in model.named_buffers()}}
 
 
-def _model() -> nn.Module:
+def _model(sync_batchnorm: bool = True) -> nn.Module:
+    """Conv-BN-ReLU-Conv-BN, the last an nn.SyncBatchNorm (which synchronizes under any policy, except while
+    recalibrate gathers each rank's own statistics). DDP refuses SyncBatchNorm on CPU modules."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(C, C, 1), nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 1),
-                         nn.BatchNorm2d(C)).double()
+    last = nn.SyncBatchNorm(C) if sync_batchnorm else nn.BatchNorm2d(C)
+    return nn.Sequential(nn.Conv2d(C, C, 1), nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 1), last).double()
 
 
 def _data() -> list[torch.Tensor]:
@@ -223,7 +226,7 @@ def ddp_case(rank: int, world: int) -> dict:
 
 
 def _trained_model(sync: bool) -> nn.Module:
-    model = _model()
+    model = _model(sync_batchnorm=False)
     bnctl.apply(model, dataclasses.replace(bnctl.PRESETS["torch"], sync=sync))
     return model
 
@@ -270,21 +273,71 @@ def test_policy_sync_must_be_a_bool():
     assert copy.copy(bnctl.PRESETS["torch"]).sync is False
 
 
+@contextlib.contextmanager
+def one_rank():
+    """A gloo process group of this process alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.4])
 def test_sync_normalize_gradcheck_on_one_rank(alpha):
     from bnctl.distributed import sync_normalize
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1)
-        try:
-            x = (2 * torch.randn(5, C, 3, 2, dtype=torch.float64) + 1).requires_grad_(True)
-            w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
-            b = torch.randn(C, dtype=torch.float64, requires_grad=True)
-            rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    with one_rank():
+        x = (2 * torch.randn(5, C, 3, 2, dtype=torch.float64) + 1).requires_grad_(True)
+        w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True)
+        b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+        rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
 
-            def f(x, w, b):
-                return sync_normalize(x, w, b, 1e-5, None, alpha=alpha, running_mean=rm, running_var=rv)[0]
+        def f(x, w, b):
+            return sync_normalize(x, w, b, 1e-5, None, alpha=alpha, running_mean=rm, running_var=rv)[0]
 
-            assert torch.autograd.gradcheck(f, (x, w, b))
-        finally:
-            dist.destroy_process_group()
+        assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_mixed_precision_input_with_float32_parameters():
+    x = torch.randn(8, C, 4, 4).bfloat16()
+    local, synced = nn.BatchNorm2d(C), nn.BatchNorm2d(C)
+    bnctl.apply(local, "torch")
+    with one_rank():
+        bnctl.apply(synced, policy("torch", True))
+        y = synced.train()(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, local.train()(x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(synced.running_var, local.running_var, rtol=1e-3, atol=1e-3)
+
+
+def test_fallback_holds_under_sync():
+    x = torch.randn(1, C, 1, 1, dtype=torch.float64)
+    fallback = dataclasses.replace(bnctl.PRESETS["torch"], fallback=True)
+    local = make_layer("torch", False)
+    bnctl.apply(local, fallback)
+    synced = make_layer("torch", False)
+    with one_rank():
+        bnctl.apply(synced, dataclasses.replace(fallback, sync=True))
+        assert torch.equal(synced.train()(x), local.train()(x))
+        assert int(synced.num_batches_tracked) == 0
+        bnctl.apply(synced, policy("torch", True))  # no fallback: every rank raises alike
+        with pytest.raises(ValueError, match="more than 1 value per channel over all ranks"):
+            synced(x)
+
+
+def test_process_groups_are_checked_and_not_copied():
+    layer = make_layer("torch", False)
+    with pytest.raises(ValueError, match="init_process_group"):
+        bnctl.apply(layer, policy("torch", True), process_group=object())
+    with one_rank():
+        with pytest.raises(TypeError, match="ProcessGroup"):
+            bnctl.apply(layer, policy("torch", True), process_group=object())
+        bnctl.apply(layer, policy("torch", True), process_group=dist.group.WORLD)
+        copied = copy.deepcopy(nn.Sequential(layer))
+        assert copied[0].policy.sync and layer_group(copied[0]) is dist.group.WORLD
+
+
+def layer_group(layer: nn.Module):
+    return layer._bnctl.sync_group(layer)

@@ -279,3 +279,20 @@ def test_apply_to_a_model_already_wrapped_in_ddp_refuses_with_the_fix():
             bnctl.apply(ddp, "running_update")  # changes no parameter: fine
         finally:
             dist.destroy_process_group()
+
+
+def test_a_frozen_batchnorm_held_twice_is_replaced_at_both_places():
+    model = _backbone()
+    model[3] = model[1]  # the same object at two places
+    handle = bnctl.apply(model, "running_update")
+    assert model[3] is model[1] and isinstance(model[1], bnctl.BatchNorm2d)
+    handle.remove()
+    assert model[3] is model[1] and type(model[1]) is FrozenBatchNorm2d
+
+
+def test_recalibrate_puts_every_original_back_when_it_fails():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _with_stats(FrozenBatchNorm2d(3)), _with_stats(FrozenBatchNorm2d(3)))
+    originals = [model[1], model[2]]
+    with pytest.raises(RuntimeError):
+        bnctl.recalibrate(model, [torch.randn(4, 5, 4, 4)])  # wrong channel count for the conv
+    assert [model[1], model[2]] == originals

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable, Union
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -224,6 +225,7 @@ def apply(
         True
     """
     resolved = get_policy(policy)
+    _check_group(process_group)
     targets = _with_aux(batchnorm_layers(model, include, exclude))
     if not targets:
         found = [display_name(n, m) for n, m in batchnorm_layers(model)]
@@ -251,6 +253,21 @@ def apply(
 
 def _stats(layer: _BatchNorm) -> tuple[Any, Any, Any]:
     return layer.running_mean, layer.running_var, getattr(layer, "num_batches_tracked", None)
+
+
+def _check_group(group: Any) -> None:
+    """Raise unless ``group`` is ``None`` or a process group this process belongs to."""
+    if group is None:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group: expected None without an initialized torch.distributed process group, "
+                         f"got {group!r}. Call torch.distributed.init_process_group first.")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup, got {type(group).__name__}.")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"process_group: expected a group this rank ({dist.get_rank()}) belongs to, got one "
+                         "it is not a member of. Every rank passes the group it is in (see "
+                         "torch.distributed.new_subgroups).")
 
 
 def _check_not_wrapped(model: nn.Module, layers: list[tuple[str, _BatchNorm]], policy: Policy) -> None:

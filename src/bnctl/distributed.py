@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["GlobalStats", "active", "gather_rows", "global_stats", "merge_rows", "sync_normalize"]
+__all__ = ["GlobalStats", "active", "gather_rows", "global_stats", "merge_rows", "stats_dtype", "sync_normalize"]
 
 
 def active() -> bool:
@@ -119,9 +119,10 @@ class _SyncNormalize(torch.autograd.Function):
         if alpha != 1.0:
             mean = alpha * mean + (1.0 - alpha) * running_mean.to(torch.float64)
             var = alpha * var + (1.0 - alpha) * running_var.to(torch.float64)
-        mean, var = mean.to(x.dtype), var.to(x.dtype)
+        dtype = stats_dtype(x, weight)
+        mean, var = mean.to(dtype), var.to(dtype)
         y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-        ctx.save_for_backward(x, weight, mean, var, stats.mean.to(x.dtype))
+        ctx.save_for_backward(x, weight, mean, var, stats.mean.to(dtype))
         ctx.alpha, ctx.eps, ctx.group, ctx.n = alpha, eps, group, stats.n
         count = torch.tensor(stats.n)
         ctx.mark_non_differentiable(stats.mean, stats.var, count)
@@ -149,6 +150,14 @@ class _SyncNormalize(torch.autograd.Function):
         grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = sum_dy if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def stats_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
+    """The dtype PyTorch's kernel wants statistics in: the parameters' (float32 parameters with a
+    float16/bfloat16 input under mixed precision), else the input's, at least float32."""
+    if weight is not None:
+        return weight.dtype
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def sync_normalize(

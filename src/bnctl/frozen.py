@@ -65,17 +65,18 @@ def stand_in(frozen: nn.Module) -> BatchNorm2d:
 
 @dataclass
 class Swap:
-    """One ``FrozenBatchNorm2d`` replaced in its parent (``parent.<attr>``) by a stand-in."""
+    """One ``FrozenBatchNorm2d`` replaced by a stand-in at every place it sits (``parent.<attr>``)."""
 
     name: str
-    parent: nn.Module
-    attr: str
+    places: list[tuple[nn.Module, str]]
     original: nn.Module
     stand_in: BatchNorm2d
 
 
 def swap_in(model: nn.Module, name: str, frozen: nn.Module) -> Swap:
-    """Put a :func:`stand_in` for the layer ``name`` of ``model`` in its place.
+    """Put a :func:`stand_in` for the layer ``name`` of ``model`` in its place (every place, when the
+    model holds the same object more than once). Hooks registered on ``frozen`` do not run on its
+    stand-in.
 
     Raises:
         ValueError: ``frozen`` is ``model`` itself (it has no parent to put a stand-in in).
@@ -86,10 +87,11 @@ def swap_in(model: nn.Module, name: str, frozen: nn.Module) -> Swap:
             "itself; bnctl replaces such a layer in its parent module. Pass the model (or wrap the layer "
             "in torch.nn.Sequential)."
         )
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    swap = Swap(name, parent, attr, frozen, stand_in(frozen))
-    parent._modules[attr] = swap.stand_in
+    places = [(parent, attr) for parent in model.modules() for attr, child in parent._modules.items()
+              if child is frozen]
+    swap = Swap(name, places, frozen, stand_in(frozen))
+    for parent, attr in places:
+        parent._modules[attr] = swap.stand_in
     return swap
 
 
@@ -99,4 +101,5 @@ def swap_out(swap: Swap) -> None:
         for key in _BUFFERS:
             target = swap.original._buffers[key]
             target.copy_(getattr(swap.stand_in, key).detach().reshape(target.shape))
-    swap.parent._modules[swap.attr] = swap.original
+    for parent, attr in swap.places:
+        parent._modules[attr] = swap.original

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import normalize_with_stats, reduce_dims
-from .distributed import gather_rows, global_stats, merge_rows, sync_normalize
+from .distributed import gather_rows, global_stats, merge_rows, stats_dtype, sync_normalize
 from .policy import Mode, Normalize, Step, make_step
 
 __all__ = [
@@ -283,6 +283,7 @@ def normalize(
     limits: Limits = (3.0, 5.0),
     *,
     group: Any = None,
+    fallback: bool = False,
 ) -> Tensor:
     """``x`` normalized with the statistics ``how`` names, then scaled and shifted.
 
@@ -290,10 +291,13 @@ def normalize(
     ``(r_max, d_max)``) or a blend weight. Nothing is observed or updated;
     the running statistics are constants, given to PyTorch's kernel as they
     are (as ``torch.nn.BatchNorm*d`` in eval() does). With a process
-    ``group``, batch statistics are those of every rank's batch together.
+    ``group``, batch statistics are those of every rank's batch together
+    (``fallback``: with one value per channel over all ranks, the running
+    statistics normalize instead of raising).
     """
     if group is not None and how != "running":
-        return _synced(x, how, running_mean, running_var, weight, bias, eps, limits, group, observe=False)[0]
+        return _synced(x, how, running_mean, running_var, weight, bias, eps, limits, group, observe=False,
+                       fallback=fallback)[0]
     if how == "batch":
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if how == "running":
@@ -313,6 +317,7 @@ def normalize_and_observe(
     limits: Limits = (3.0, 5.0),
     ema_weight: float | None = None,
     group: Any = None,
+    fallback: bool = False,
 ) -> tuple[Tensor, Observed]:
     """:func:`normalize`, also returning what the batch says about the running statistics.
 
@@ -326,10 +331,13 @@ def normalize_and_observe(
     With a process ``group`` (``torch.distributed``), the batch is the union
     of every rank's ``x``: normalization, its gradient and the observed
     statistics are those of that union (:mod:`bnctl.distributed`), identical
-    on every rank; ``ema_weight`` is then ignored.
+    on every rank; ``ema_weight`` is then ignored. With ``fallback``, one
+    value per channel over all ranks normalizes with the running statistics
+    and observes an empty batch (nothing is written) instead of raising.
     """
     if group is not None:
-        return _synced(x, how, running_mean, running_var, weight, bias, eps, limits, group, observe=True)
+        return _synced(x, how, running_mean, running_var, weight, bias, eps, limits, group, observe=True,
+                       fallback=fallback)
     if how == "batch":
         if ema_weight is not None:
             new = torch.stack([running_mean, running_var])  # updated by the kernel, returned
@@ -352,7 +360,7 @@ def normalize_and_observe(
 
 def _synced(
     x: Tensor, how: Normalize, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
-    bias: Tensor | None, eps: float, limits: Limits, group: Any, *, observe: bool,
+    bias: Tensor | None, eps: float, limits: Limits, group: Any, *, observe: bool, fallback: bool,
 ) -> tuple[Tensor, Observed]:
     """:func:`normalize_and_observe` over the union of every rank's batch (one collective forward,
     one in backward; none when normalizing with running statistics and observing nothing)."""
@@ -362,22 +370,24 @@ def _synced(
             return out, x.new_empty(0)
         stats = global_stats(x, group)
         return out, BatchStats(stats.mean, stats.var, stats.n)
-    if how == "renorm":
-        stats = global_stats(x, group)  # r and d need them before normalizing
-        with torch.no_grad():
-            r, d = _renorm_factors(BatchStats(*stats), running_mean, running_var, eps, limits)
-        r, d = r.to(x.dtype), d.to(x.dtype)
-        w, b = (r, d) if weight is None else (weight * r, weight * d)
-        out, stats = sync_normalize(x, w, b if bias is None else b + bias, eps, group, stats=stats)
-    else:
-        alpha = 1.0 if how == "batch" else float(how)
-        out, stats = sync_normalize(x, weight, bias, eps, group, alpha=alpha,
-                                    running_mean=running_mean, running_var=running_var)
-    if stats.n == 1:
+    stats = global_stats(x, group)
+    if stats.n == 1:  # every rank sees the same count, so every rank takes the same branch
+        if fallback and running_mean is not None:  # running statistics for this batch; nothing written
+            return _running(x, running_mean, running_var, weight, bias, eps), BatchStats(stats.mean, stats.var, 0)
         raise ValueError(
             "expected more than 1 value per channel over all ranks to compute batch statistics, got 1. "
-            "Use larger batches, or a policy that normalizes with running statistics."
+            "Use larger batches, a policy with fallback=True, or one that normalizes with running statistics."
         )
+    if how == "renorm":
+        with torch.no_grad():
+            r, d = _renorm_factors(BatchStats(*stats), running_mean, running_var, eps, limits)
+        r, d = (t.to(stats_dtype(x, weight)) for t in (r, d))
+        w, b = (r, d) if weight is None else (weight * r, weight * d)
+        out, _ = sync_normalize(x, w, b if bias is None else b + bias, eps, group, stats=stats)
+    else:
+        alpha = 1.0 if how == "batch" else float(how)
+        out, _ = sync_normalize(x, weight, bias, eps, group, alpha=alpha, running_mean=running_mean,
+                                running_var=running_var, stats=stats)
     return out, BatchStats(*stats)
 
 

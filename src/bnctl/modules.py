@@ -63,10 +63,10 @@ class _PolicyForward(_BatchNorm):
         step, t = forward.step, forward.tensors
         if step.update == "none":
             return normalize(input, step.normalize, t.running_mean, t.running_var, t.weight, t.bias, self.eps,
-                             forward.limits, group=forward.group)
+                             forward.limits, group=forward.group, fallback=step.fallback)
         out, observed = normalize_and_observe(
             input, step.normalize, t.running_mean, t.running_var, t.weight, t.bias, self.eps,
-            limits=forward.limits, ema_weight=forward.ema_weight, group=forward.group,
+            limits=forward.limits, ema_weight=forward.ema_weight, group=forward.group, fallback=step.fallback,
         )
         state.commit(self, forward, observed)
         return out

@@ -26,7 +26,7 @@ from .apply import Selector, batchnorm_layers, using_layers
 from .distributed import active
 from .domains import domain as domain_scope
 from .domains import layers_with
-from .frozen import is_frozen_batchnorm, swap_in, swap_out
+from .frozen import Swap, is_frozen_batchnorm, swap_in, swap_out
 from .functional import Accumulator, BatchAverage
 from .modules import check_materialized, display_name
 from .policy import PRESETS
@@ -172,12 +172,16 @@ def recalibrate(
     targets = _targets(model, layers, exclude, domain)
     chosen = {id(layer) for _, layer in targets}
     others = [(n, m) for n, m in batchnorm_layers(model) if id(m) not in chosen]
-    swaps = [swap_in(model, n, m) for n, m in targets if is_frozen_batchnorm(m)]  # written back at the end
-    stand_ins = {swap.name: swap.stand_in for swap in swaps}
-    targets = [(n, stand_ins.get(n, m)) for n, m in targets]
+    swaps: list[Swap] = []  # FrozenBatchNorm2d layers get stand-ins, written back at the end
     reached: set[int] = set()
-    hooks = [layer.register_forward_pre_hook(lambda m, _i: reached.add(id(m))) for _, layer in targets]
+    hooks: list[Any] = []
     try:
+        for name, layer in targets:
+            if is_frozen_batchnorm(layer):
+                swaps.append(swap_in(model, name, layer))
+        stand_ins = {swap.name: swap.stand_in for swap in swaps}
+        targets = [(n, stand_ins.get(n, m)) for n, m in targets]
+        hooks = [layer.register_forward_pre_hook(lambda m, _i: reached.add(id(m))) for _, layer in targets]
         with contextlib.ExitStack() as stack:
             stack.enter_context(unchanged(others))
             stack.enter_context(using_layers(targets, PASS))

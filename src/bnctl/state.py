@@ -18,6 +18,7 @@ Domains: domain ``d`` is a set of tensors named ``running_mean__d``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -168,12 +169,15 @@ class Pools:
 
     ``kind`` is :class:`~bnctl.functional.Accumulator` (exact) or
     :class:`~bnctl.functional.BatchAverage`; ``updates`` records, per domain,
-    the update (and momentum) the layer's policy asked for.
+    the update (and momentum) the layer's policy asked for. ``local`` pools
+    hold this rank's statistics only, also for synchronizing layers
+    (``recalibrate`` merges the ranks itself, once, at the end).
     """
 
     kind: type = Accumulator
     by_domain: dict[str, Accumulator | BatchAverage] = field(default_factory=dict)
     updates: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    local: bool = False
 
 
 class Tape:
@@ -249,9 +253,12 @@ class LayerState:
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles keep policies, accumulators and counts, but not the scopes the
-        original is in (those end with the original's ``with`` blocks)."""
+        original is in (those end with the original's ``with`` blocks) nor process groups."""
         state = dict(self.__dict__)
         state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tapes=[], replay=None, _plan=None)
+        # A process group belongs to this process (it does not pickle): copies sync over the layer's
+        # own group or the world group.
+        state["policies"] = [dataclasses.replace(a, process_group=None) for a in self.policies]
         return state
 
     # -- policy ----------------------------------------------------------------------------
@@ -274,13 +281,17 @@ class LayerState:
         """The process group whose batches this layer's batch statistics span, or ``None`` (local).
 
         A layer synchronizes when its policy says ``sync=True`` or it is an
-        ``nn.SyncBatchNorm``, and a process group is initialized. The group is
-        the one given to :func:`bnctl.apply`, else the layer's own
-        ``process_group`` (``nn.SyncBatchNorm``), else the default (world) group.
+        ``nn.SyncBatchNorm``, a process group is initialized, and it is not
+        filling ``local`` pools (a ``recalibrate`` pass). The group is the
+        last one given to :func:`bnctl.apply` among the policies applied to
+        it, else the layer's own ``process_group`` (``nn.SyncBatchNorm``),
+        else the default (world) group.
         """
         if not (self.policy.sync or isinstance(layer, nn.SyncBatchNorm)) or not active():
             return None
-        group = self.policies[-1].process_group if self.policies else None
+        if self.pools is not None and self.pools.local:
+            return None
+        group = next((a.process_group for a in reversed(self.policies) if a.process_group is not None), None)
         if group is None:
             group = getattr(layer, "process_group", None)
         return torch.distributed.group.WORLD if group is None else group

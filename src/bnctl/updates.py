@@ -168,7 +168,7 @@ def pooling(
     with hold(layers) as states:
         previous = [(state.pools, state.no_update) for state in states]
         for state in states:
-            state.pools = Pools(kind)
+            state.pools = Pools(kind, local=explicit)
             if explicit:
                 state.no_update = 0
         try:
