@@ -1,0 +1,205 @@
+"""bnctl.fold: conv+BatchNorm folding at every forward, exact against the unfolded model (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnctl
+from conftest import FrozenBatchNorm2d, TimmBatchNormAct2d
+
+EXACT = dict(rtol=1e-10, atol=1e-10)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet block: conv-bn-relu-conv-bn, a downsample Sequential, a residual sum."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 2, dilation=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.downsample(x))
+
+
+class Untraceable(nn.Module):
+    """A forward fx cannot trace (a branch on a tensor's value) around foldable Sequentials."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), TimmBatchNormAct2d(4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.depthwise(x) if x.sum() > 0 else -self.depthwise(x)
+
+
+def resnet_like() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), BasicBlock(4, 6, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+
+
+def warmed(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model = model.double()
+    with torch.no_grad():
+        model.train()
+        for k in range(3):
+            model(x * (k + 1) + k)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def run(model: nn.Module, x: torch.Tensor, training: bool) -> tuple[torch.Tensor, dict]:
+    """Output and the gradient of every input and parameter for a random upstream gradient."""
+    model.train(training)
+    x = x.clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype))
+    grads = {"input": x.grad, **{k: p.grad for k, p in model.named_parameters()}}
+    return y.detach(), grads
+
+
+def assert_same(got, want, **tol):
+    (y, grads), (y_ref, grads_ref) = got, want
+    torch.testing.assert_close(y, y_ref, **tol)
+    assert grads.keys() == grads_ref.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_ref[k], **tol, msg=k)
+
+
+X = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+
+
+def test_pairs_are_proved_from_the_graph():
+    model = resnet_like()
+    handle = bnctl.fold(model)
+    assert handle.pairs == [("0", "1"), ("3.conv1", "3.bn1"), ("3.conv2", "3.bn2"),
+                            ("3.downsample.0", "3.downsample.1")]
+    assert handle.skipped == []
+
+
+@pytest.mark.parametrize("preset", ["frozen", "frozen_stats", "torch", "running_update", "test_time"])
+@pytest.mark.parametrize("training", [True, False])
+def test_folded_equals_unfolded_in_float64(preset, training):
+    ref = warmed(resnet_like(), X)
+    bnctl.apply(ref, preset)
+    model = copy.deepcopy(ref)
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    bnctl.fold(model)
+    want = run(ref, X, training)
+    assert_same(run(model, X, training), want, **EXACT)
+    for k, v in model.named_buffers():
+        torch.testing.assert_close(v, dict(ref.named_buffers())[k], rtol=0, atol=0)
+    if preset in ("frozen", "frozen_stats"):
+        assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+
+
+def test_it_folds_only_when_the_layer_normalizes_with_running_statistics_and_updates_nothing():
+    model = warmed(resnet_like(), X)
+    handle = bnctl.fold(model)
+    conv_calls = []
+    model[0].register_forward_hook(lambda m, i, out: conv_calls.append(out))
+    with torch.no_grad():
+        model.eval()(X)
+        folded = conv_calls[-1]
+        model.train()(X)  # torch preset in train(): batch statistics, conv then BN
+        plain = conv_calls[-1]
+        model.eval()
+        handle.remove()
+        unfolded = model[0](X)
+    torch.testing.assert_close(plain, unfolded, **EXACT)  # the conv's own output
+    assert not torch.allclose(folded, unfolded)  # the folded conv already normalized
+
+
+def test_remove_restores_the_modules_exactly():
+    model = warmed(resnet_like(), X)
+    state = copy.deepcopy(model.state_dict())
+    handle = bnctl.fold(model)
+    assert set(model.state_dict()) == set(state)
+    handle.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    handle.remove()  # idempotent
+    with bnctl.fold(model):
+        with pytest.raises(ValueError, match="already folded"):
+            bnctl.fold(model)
+
+
+def test_a_conv_output_used_twice_or_a_shared_batchnorm_is_not_folded():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.other = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+            self.shared = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            c = self.conv(x)
+            return self.bn(c) + c + self.shared(self.other(x)) + self.shared(x)
+
+    assert bnctl.fold(Twice()).pairs == []
+
+
+def test_untraceable_models_still_get_the_pairs_their_sequentials_prove():
+    model = warmed(Untraceable(), X)
+    ref = copy.deepcopy(model)
+    handle = bnctl.fold(model)
+    assert handle.pairs == [("stem.0", "stem.1"), ("depthwise.0", "depthwise.1")]
+    assert len(handle.skipped) == 1 and "not traceable by torch.fx" in handle.skipped[0]
+    bnctl.apply(model, "frozen_stats")
+    bnctl.apply(ref, "frozen_stats")
+    assert_same(run(model, X, True), run(ref, X, True), **EXACT)  # timm's act still runs after folding
+
+
+@pytest.mark.parametrize("conv_cls,bn_cls,shape", [(nn.Conv1d, nn.BatchNorm1d, (4, 3, 9)),
+                                                   (nn.Conv3d, nn.BatchNorm3d, (2, 3, 4, 5, 5))])
+def test_conv1d_and_conv3d(conv_cls, bn_cls, shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    model = warmed(nn.Sequential(conv_cls(3, 6, 3, groups=3, bias=True), bn_cls(6), nn.ReLU()), x)
+    ref = copy.deepcopy(model)
+    assert bnctl.fold(model).pairs == [("0", "1")]
+    assert_same(run(model, x, False), run(ref, x, False), **EXACT)
+
+
+def test_frozen_batchnorm_folds_and_domains_are_followed():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), FrozenBatchNorm2d(3)).double()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+    ref = copy.deepcopy(model)
+    assert bnctl.fold(model).pairs == [("0", "1")]
+    assert_same(run(model, X, True), run(ref, X, True), **EXACT)
+
+    model = warmed(resnet_like(), X)
+    bnctl.add_domains(model, "target")
+    with torch.no_grad():
+        model[1].running_mean__target.add_(1.0)
+    ref = copy.deepcopy(model)
+    bnctl.fold(model)
+    with bnctl.domain(model, "target"), bnctl.domain(ref, "target"):
+        assert_same(run(model, X, False), run(ref, X, False), **EXACT)
+
+
+def test_channels_last_autocast_and_compile():
+    model = warmed(resnet_like(), X).float().eval()
+    ref = copy.deepcopy(model)
+    bnctl.fold(model)
+    x = X.float().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(model(x), ref(x), rtol=5e-2, atol=5e-2)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
