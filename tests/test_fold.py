@@ -203,3 +203,17 @@ def test_channels_last_autocast_and_compile():
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_pair_whose_weight_outweighs_its_output_runs_unfolded_after_the_first_forward():
+    model = warmed(nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64)), torch.randn(2, 3, 3, 3, dtype=torch.float64))
+    ref = copy.deepcopy(model)
+    bnctl.fold(model)
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64)  # output 2x64x1x1 = 128 values, weight 1728
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(model.eval()(x), ref.eval()(x), **EXACT)
+        torch.testing.assert_close(seen[1], ref[0](x), **EXACT)  # the second time, the conv's plain output
+        assert not torch.allclose(seen[0], ref[0](x))  # the first forward folded

@@ -93,6 +93,13 @@ class _Pair:
     conv: nn.Module
     norm: nn.Module
     folded: int | None = None  # id() of the folded conv's output, until the norm takes it
+    outputs: int = 0  # elements of the conv's last output
+
+    def worth_it(self) -> bool:
+        """Whether folding saves work: scaling the weight (and its gradient) costs passes over the
+        weight, the BatchNorm it replaces passes over the activations. Both are exact, so this only
+        chooses the faster one (from the last forward's output size; the first forward folds)."""
+        return self.conv.weight.numel() <= self.outputs or not self.outputs
 
 
 def _running_tensors(norm: nn.Module) -> LayerTensors | None:
@@ -118,10 +125,12 @@ def _folded_conv_forward(pair: _Pair) -> Any:
     conv, norm, plain = pair.conv, pair.norm, type(pair.conv).forward
 
     def forward(input: Tensor) -> Tensor:
-        t = _running_tensors(norm)
+        t = _running_tensors(norm) if pair.worth_it() else None
         if t is None:
             pair.folded = None
-            return plain(conv, input)
+            out = plain(conv, input)
+            pair.outputs = out.numel()
+            return out
         scale = torch.rsqrt(t.running_var + norm.eps)
         if t.weight is not None:
             scale = t.weight * scale
@@ -130,7 +139,7 @@ def _folded_conv_forward(pair: _Pair) -> Any:
             shift = shift + t.bias
         weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype)
         out = conv._conv_forward(input, weight, shift.to(conv.weight.dtype))
-        pair.folded = id(out)
+        pair.folded, pair.outputs = id(out), out.numel()
         return out
 
     return forward
@@ -182,6 +191,9 @@ def fold(model: nn.Module) -> FoldHandle:
     and listed in ``handle.skipped``. Layers in train() under the ``torch``
     preset (batch statistics) or updating their statistics
     (``running_update``) run unfolded, so their updates see the conv's output.
+    A pair whose conv weight has more elements than its output (deep layers
+    of small inputs) also runs unfolded: scaling that weight at every forward
+    would cost more than the BatchNorm pass it saves.
 
     Args:
         model: the model (in any mode; the decision is made at every forward).
