@@ -91,29 +91,21 @@ def build(args: argparse.Namespace, frozen: bool = False) -> nn.Module:
 def setups(args: argparse.Namespace) -> dict[str, tuple[nn.Module, bool]]:
     """name -> (model, train mode). Every conv and linear layer learns in every setup."""
     base = build(args)
-    out: dict[str, tuple[nn.Module, bool]] = {}
-    out["native BN train"] = (copy.deepcopy(base), True)
-    out["native BN train (again)"] = (copy.deepcopy(base), True)
-    for preset in PRESETS_TRAIN:
-        m = copy.deepcopy(base)
-        bnctl.apply(m, preset)
-        out[f"bnctl {preset}"] = (m, True)
+
+    def bnctl_model(preset: str, folded: bool = False) -> tuple[nn.Module, bool]:
+        model = copy.deepcopy(base)
+        bnctl.apply(model, preset)
+        if folded:
+            bnctl.fold(model)
+        return model, True
+
+    out = {"native BN train": (copy.deepcopy(base), True), "native BN train (again)": (copy.deepcopy(base), True)}
+    out.update({f"bnctl {preset}": bnctl_model(preset) for preset in PRESETS_TRAIN})
     out["FrozenBatchNorm2d"] = (build(args, frozen=True), True)
-    m = copy.deepcopy(base)
-    bnctl.apply(m, "frozen")
-    out["bnctl frozen"] = (m, True)
-    m = copy.deepcopy(base)
-    bnctl.apply(m, "frozen")
-    bnctl.fold(m)
-    out["bnctl frozen + fold"] = (m, True)
     out["native BN eval, affine learns"] = (copy.deepcopy(base), False)
-    m = copy.deepcopy(base)
-    bnctl.apply(m, "frozen_stats")
-    out["bnctl frozen_stats"] = (m, True)
-    m = copy.deepcopy(base)
-    bnctl.apply(m, "frozen_stats")
-    bnctl.fold(m)
-    out["bnctl frozen_stats + fold"] = (m, True)
+    for preset in ("frozen", "frozen_stats"):
+        out[f"bnctl {preset}"] = bnctl_model(preset)
+        out[f"bnctl {preset} + fold"] = bnctl_model(preset, folded=True)
     return out
 
 
