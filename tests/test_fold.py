@@ -217,3 +217,22 @@ def test_a_pair_whose_weight_outweighs_its_output_runs_unfolded_after_the_first_
             torch.testing.assert_close(model.eval()(x), ref.eval()(x), **EXACT)
         torch.testing.assert_close(seen[1], ref[0](x), **EXACT)  # the second time, the conv's plain output
         assert not torch.allclose(seen[0], ref[0](x))  # the first forward folded
+
+
+def test_copies_of_a_folded_model_fold_their_own_modules():
+    model = warmed(resnet_like(), X).eval()
+    bnctl.fold(model)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        copied[0].weight.mul_(2.0)  # only the copy changes
+        torch.testing.assert_close(model(X), unfolded(model)(X), **EXACT)
+        torch.testing.assert_close(copied(X), unfolded(copied)(X), **EXACT)
+    assert copied[0].forward.__self__.conv is copied[0] and copied[0].forward.__self__.norm is copied[1]
+
+
+def unfolded(model: nn.Module) -> nn.Module:
+    """An unfolded copy of a folded model."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        m.__dict__.pop("forward", None)
+    return twin

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx
@@ -88,20 +87,6 @@ def _find(module: nn.Module, prefix: str, skipped: list[str]) -> list[tuple[str,
     return pairs
 
 
-@dataclass
-class _Pair:
-    conv: nn.Module
-    norm: nn.Module
-    folded: int | None = None  # id() of the folded conv's output, until the norm takes it
-    outputs: int = 0  # elements of the conv's last output
-
-    def worth_it(self) -> bool:
-        """Whether folding saves work: scaling the weight (and its gradient) costs passes over the
-        weight, the BatchNorm it replaces passes over the activations. Both are exact, so this only
-        chooses the faster one (from the last forward's output size; the first forward folds)."""
-        return self.conv.weight.numel() <= self.outputs or not self.outputs
-
-
 def _running_tensors(norm: nn.Module) -> LayerTensors | None:
     """What ``norm`` normalizes with in this forward if that is its running statistics and it updates
     nothing (its policy, mode, scopes and selected domain), else ``None``."""
@@ -121,15 +106,32 @@ def _running_tensors(norm: nn.Module) -> LayerTensors | None:
     return tensors.detached_affine() if state.policy.learn_affine is False else tensors
 
 
-def _folded_conv_forward(pair: _Pair) -> Any:
-    conv, norm, plain = pair.conv, pair.norm, type(pair.conv).forward
+@dataclass
+class _Pair:
+    """A folded conv and its BatchNorm; ``conv_forward``/``norm_forward`` become their ``forward``.
 
-    def forward(input: Tensor) -> Tensor:
-        t = _running_tensors(norm) if pair.worth_it() else None
+    Bound methods (not closures), so that ``copy.deepcopy`` and pickling of a folded model give a
+    copy whose forwards act on the copied modules.
+    """
+
+    conv: nn.Module
+    norm: nn.Module
+    folded: int | None = None  # id() of the folded conv's output, until the norm takes it
+    outputs: int = 0  # elements of the conv's last output
+
+    def worth_it(self) -> bool:
+        """Whether folding saves work: scaling the weight (and its gradient) costs passes over the
+        weight, the BatchNorm it replaces passes over the activations. Both are exact, so this only
+        chooses the faster one (from the last forward's output size; the first forward folds)."""
+        return self.conv.weight.numel() <= self.outputs or not self.outputs
+
+    def conv_forward(self, input: Tensor) -> Tensor:
+        conv, norm = self.conv, self.norm
+        t = _running_tensors(norm) if self.worth_it() else None
         if t is None:
-            pair.folded = None
-            out = plain(conv, input)
-            pair.outputs = out.numel()
+            self.folded = None
+            out = type(conv).forward(conv, input)
+            self.outputs = out.numel()
             return out
         scale = torch.rsqrt(t.running_var + norm.eps)
         if t.weight is not None:
@@ -139,22 +141,14 @@ def _folded_conv_forward(pair: _Pair) -> Any:
             shift = shift + t.bias
         weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype)
         out = conv._conv_forward(input, weight, shift.to(conv.weight.dtype))
-        pair.folded, pair.outputs = id(out), out.numel()
+        self.folded, self.outputs = id(out), out.numel()
         return out
 
-    return forward
-
-
-def _folded_norm_forward(pair: _Pair) -> Any:
-    norm, plain = pair.norm, type(pair.norm).forward
-
-    def forward(input: Tensor) -> Tensor:
-        if pair.folded is not None and pair.folded == id(input):
-            pair.folded = None
-            return _drop_act(norm, input)  # already normalized by the conv; timm's drop and act still run
-        return plain(norm, input)
-
-    return forward
+    def norm_forward(self, input: Tensor) -> Tensor:
+        if self.folded is not None and self.folded == id(input):
+            self.folded = None
+            return _drop_act(self.norm, input)  # already normalized by the conv; timm's drop and act still run
+        return type(self.norm).forward(self.norm, input)
 
 
 @dataclass
@@ -222,8 +216,8 @@ def fold(model: nn.Module) -> FoldHandle:
     handle = FoldHandle(pairs, skipped)
     for conv_name, norm_name in pairs:
         pair = _Pair(modules[conv_name], modules[norm_name])
-        pair.conv.forward = _folded_conv_forward(pair)
-        pair.norm.forward = _folded_norm_forward(pair)
+        pair.conv.forward = pair.conv_forward
+        pair.norm.forward = pair.norm_forward
         handle._modules += [pair.conv, pair.norm]
     for note in skipped:
         logger.info("bnctl.fold: %s", note)
