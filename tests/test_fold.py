@@ -107,21 +107,33 @@ def test_folded_equals_unfolded_in_float64(preset, training):
         assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
 
 
-def test_it_folds_only_when_the_layer_normalizes_with_running_statistics_and_updates_nothing():
-    model = warmed(resnet_like(), X)
+def batch_norm_calls(monkeypatch) -> list:
+    """Calls of F.batch_norm: a folded pair's BatchNorm makes none."""
+    calls: list = []
+    original = torch.nn.functional.batch_norm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", counting)
+    return calls
+
+
+def test_it_folds_only_when_the_layer_normalizes_with_running_statistics_and_updates_nothing(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double()
     handle = bnctl.fold(model)
-    conv_calls = []
-    model[0].register_forward_hook(lambda m, i, out: conv_calls.append(out))
+    calls = batch_norm_calls(monkeypatch)
     with torch.no_grad():
         model.eval()(X)
-        folded = conv_calls[-1]
+        assert len(calls) == 0  # folded
         model.train()(X)  # torch preset in train(): batch statistics, conv then BN
-        plain = conv_calls[-1]
+        assert len(calls) == 1
+        model[0](X)  # the conv alone (outside the model that proved the pair) is a plain conv
         model.eval()
+        plain = model[0](X)
         handle.remove()
-        unfolded = model[0](X)
-    torch.testing.assert_close(plain, unfolded, **EXACT)  # the conv's own output
-    assert not torch.allclose(folded, unfolded)  # the folded conv already normalized
+        torch.testing.assert_close(plain, model[0](X), rtol=0, atol=0)
 
 
 def test_remove_restores_the_modules_exactly():
@@ -205,18 +217,83 @@ def test_channels_last_autocast_and_compile():
         torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_pair_whose_weight_outweighs_its_output_runs_unfolded_after_the_first_forward():
-    model = warmed(nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64)), torch.randn(2, 3, 3, 3, dtype=torch.float64))
+def test_a_pair_whose_weight_outweighs_its_output_runs_unfolded(monkeypatch):
+    model = warmed(nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64)), torch.randn(2, 3, 9, 9, dtype=torch.float64))
+    ref = copy.deepcopy(model).eval()
+    bnctl.fold(model)
+    calls = batch_norm_calls(monkeypatch)
+    with torch.no_grad():
+        small = torch.randn(2, 3, 3, 3, dtype=torch.float64)  # output 2x64x1x1 = 128 values, weight 1728
+        torch.testing.assert_close(model.eval()(small), ref(small), **EXACT)
+        assert len(calls) == 2  # (the reference's and the unfolded pair's)
+        large = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        torch.testing.assert_close(model(large), ref(large), **EXACT)
+        assert len(calls) == 3  # the reference's only: folded
+
+
+def test_folding_is_invisible_to_hooks_slices_and_checkpointing():
+    model = warmed(resnet_like(), X).eval()
     ref = copy.deepcopy(model)
     bnctl.fold(model)
-    seen = []
-    model[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    x = torch.randn(2, 3, 3, 3, dtype=torch.float64)  # output 2x64x1x1 = 128 values, weight 1728
     with torch.no_grad():
-        for _ in range(2):
-            torch.testing.assert_close(model.eval()(x), ref.eval()(x), **EXACT)
-        torch.testing.assert_close(seen[1], ref[0](x), **EXACT)  # the second time, the conv's plain output
-        assert not torch.allclose(seen[0], ref[0](x))  # the first forward folded
+        seen = []
+        hook = model[0].register_forward_hook(lambda m, i, out: seen.append(out.clone()))
+        torch.testing.assert_close(model(X), ref(X), **EXACT)
+        torch.testing.assert_close(seen[0], ref[0](X), **EXACT)  # the hook sees the conv's own output
+        hook.remove()
+        torch.testing.assert_close(model[:2](X), ref[:2](X), **EXACT)  # a slice of the Sequential
+    x = X.clone().requires_grad_(True)
+    y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    y.sum().backward()
+    torch.testing.assert_close(y, ref(X), **EXACT)
+
+
+def test_subclasses_with_their_own_forward_and_lazy_layers_are_left_alone():
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    model = nn.Sequential(StdConv(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), Scaled(3),
+                          nn.Conv2d(3, 3, 1), nn.LazyBatchNorm2d())
+    assert bnctl.fold(model).pairs == [("4", "5")]
+    model.eval()(torch.randn(2, 3, 4, 4))  # the lazy layer materializes unfolded, then may fold
+
+
+def test_a_pair_proved_in_only_one_mode_is_not_folded():
+    class ModeDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            c = self.conv(x)
+            return (self.bn(c), c.mean()) if self.training else self.bn(c)
+
+    model = ModeDependent().eval()
+    assert bnctl.fold(model).pairs == [] and not model.training
+
+
+def test_frozen_batchnorm_stand_ins_take_over_the_fold():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), FrozenBatchNorm2d(3)).double()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].running_mean.uniform_(-1, 1)
+    ref = copy.deepcopy(model)
+    bnctl.fold(model)
+    data = [3 * torch.randn(8, 3, 4, 4, dtype=torch.float64) for _ in range(2)]
+    handle = bnctl.apply(model, "frozen")  # the stand-in now pairs with the conv
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(X), ref(X), **EXACT)
+    handle.remove()
+    bnctl.recalibrate(model, data)
+    bnctl.recalibrate(ref, data)
+    with torch.no_grad():
+        torch.testing.assert_close(model[1].running_var, ref[1].running_var, **EXACT)
+        torch.testing.assert_close(model(X), ref(X), **EXACT)
 
 
 def test_copies_of_a_folded_model_fold_their_own_modules():
@@ -228,6 +305,10 @@ def test_copies_of_a_folded_model_fold_their_own_modules():
         torch.testing.assert_close(model(X), unfolded(model)(X), **EXACT)
         torch.testing.assert_close(copied(X), unfolded(copied)(X), **EXACT)
     assert copied[0].forward.__self__.conv is copied[0] and copied[0].forward.__self__.norm is copied[1]
+    with pytest.raises(ValueError, match="unfold"):
+        bnctl.fold(copied)
+    bnctl.unfold(copied)
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in copied.modules())
 
 
 def unfolded(model: nn.Module) -> nn.Module:

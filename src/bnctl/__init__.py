@@ -8,7 +8,7 @@ each of these an explicit, reversible choice per layer: a :class:`Policy`.
 from .adapt import BatchNormOnlyHandle, TestTimeHandle, prepare_test_time, train_only_batchnorm
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
 from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
-from .fold import FoldHandle, fold
+from .fold import FoldHandle, fold, unfold
 from .functional import Accumulator, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass, unregister_subclass
 from .policy import (
@@ -36,6 +36,7 @@ __all__ = [
     "remove_domains",
     "FoldHandle",
     "fold",
+    "unfold",
     "accumulate",
     "checkpoint_context",
     "BatchNorm1d",

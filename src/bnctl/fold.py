@@ -18,48 +18,80 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .frozen import is_frozen_batchnorm
-from .modules import _drop_act, layer_plan, layer_state
+from .modules import BatchNormAct2d, _drop_act, _PolicyForward, is_uninitialized, layer_plan, layer_state
 from .state import LayerTensors
 
-__all__ = ["FoldHandle", "fold"]
+__all__ = ["FoldHandle", "fold", "unfold"]
 
 logger = logging.getLogger(__name__)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _is_conv(module: nn.Module) -> bool:
+    """A torch convolution of exactly a stock class (a subclass may compute something else)."""
+    return type(module) in _CONVS
+
+
 def _is_norm(module: nn.Module) -> bool:
-    return (isinstance(module, _BatchNorm) and not hasattr(module, "aux_bn")) or is_frozen_batchnorm(module)
+    """A BatchNorm whose forward bnctl knows to be plain normalization (then timm's drop and act)."""
+    if is_frozen_batchnorm(module):
+        return True
+    if not isinstance(module, _BatchNorm) or hasattr(module, "aux_bn"):
+        return False
+    state = layer_state(module)
+    cls = type(module) if state is None else state.origin
+    if cls.__module__.split(".")[0] == "timm" and cls.__name__ == "BatchNormAct2d":
+        return True
+    return cls.forward in _PLAIN_FORWARDS or type(module) is BatchNormAct2d
+
+
+_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _PolicyForward.forward)
 
 
 class _LeafTracer(torch.fx.Tracer):
     """fx tracing that stops at convolutions and BatchNorm layers (bnctl's included)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _CONVS) or _is_norm(m) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*_CONVS, _BatchNorm)) or is_frozen_batchnorm(m) or super().is_leaf_module(m, qualname)
 
 
-def _traced_pairs(module: nn.Module) -> list[tuple[str, str]]:
+def _graph_pairs(module: nn.Module) -> set[tuple[str, str]]:
     """``(conv, bn)`` names where the graph proves the conv's output feeds only that BatchNorm, and each
     of the two is called exactly once."""
     graph = _LeafTracer().trace(module)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     modules = dict(module.named_modules())
-    pairs = []
+    pairs = set()
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _CONVS) or len(node.users) != 1:
+        if node.op != "call_module" or not _is_conv(modules[node.target]) or len(node.users) != 1:
             continue
         (user,) = node.users
-        if (user.op == "call_module" and _is_norm(modules[user.target]) and user.args[:1] == (node,)
-                and len(user.args) == 1 and not user.kwargs and calls[node.target] == calls[user.target] == 1):
-            pairs.append((node.target, user.target))
+        if (user.op == "call_module" and _is_norm(modules[user.target]) and user.args == (node,)
+                and not user.kwargs and calls[node.target] == calls[user.target] == 1):
+            pairs.add((node.target, user.target))
     return pairs
+
+
+def _traced_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """:func:`_graph_pairs` in both train() and eval() (a forward may branch on the mode): the pairs
+    proved in both, in graph order. Every module's mode is restored."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        found = [_graph_pairs(module.train(mode)) for mode in (True, False)]
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    order = [n for n, _ in module.named_modules()]
+    return sorted(found[0] & found[1], key=lambda pair: order.index(pair[0]))
 
 
 def _sequential_pairs(module: nn.Module) -> list[tuple[str, str]]:
@@ -68,20 +100,20 @@ def _sequential_pairs(module: nn.Module) -> list[tuple[str, str]]:
     if type(module).forward is not nn.Sequential.forward or not isinstance(module, nn.Sequential):
         return []
     names = list(module._modules)
-    return [(a, b) for a, b in zip(names, names[1:])
-            if isinstance(module._modules[a], _CONVS) and _is_norm(module._modules[b])]
+    return [(a, b) for a, b in zip(names, names[1:]) if _is_conv(module._modules[a]) and _is_norm(module._modules[b])]
 
 
-def _find(module: nn.Module, prefix: str, skipped: list[str]) -> list[tuple[str, str]]:
-    """Pairs in ``module``: from its fx graph, else from plain Sequentials, recursing into children."""
+def _find(module: nn.Module, prefix: str, skipped: list[str]) -> list[tuple[str, str, str]]:
+    """``(scope, conv, bn)``: pairs proved in ``module``'s fx graph (scope: ``module``), else in its plain
+    Sequentials (scope: that Sequential), recursing into children."""
     join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
     try:
-        return [(join(a), join(b)) for a, b in _traced_pairs(module)]
+        return [(prefix, join(a), join(b)) for a, b in _traced_pairs(module)]
     except Exception as err:  # fx cannot trace every model: prove what it can from the parts
         if not isinstance(module, (*_CONVS, _BatchNorm)) and next(module.children(), None) is not None:
             skipped.append(f"{prefix or type(module).__name__}: not traceable by torch.fx "
                            f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); looked inside instead")
-    pairs = [(join(a), join(b)) for a, b in _sequential_pairs(module)]
+    pairs = [(prefix, join(a), join(b)) for a, b in _sequential_pairs(module)]
     for name, child in module.named_children():
         pairs += _find(child, join(name), skipped)
     return pairs
@@ -93,6 +125,8 @@ def _running_tensors(norm: nn.Module) -> LayerTensors | None:
     if is_frozen_batchnorm(norm):
         b = norm._buffers
         return LayerTensors(b["running_mean"], b["running_var"], None, b["weight"], b["bias"])
+    if is_uninitialized(norm):
+        return None
     state = layer_state(norm)
     step = layer_plan(norm)[norm.training]
     updates = step.update != "none" and not (state is not None and state.no_update)
@@ -106,6 +140,21 @@ def _running_tensors(norm: nn.Module) -> LayerTensors | None:
     return tensors.detached_affine() if state.policy.learn_affine is False else tensors
 
 
+class _Scope:
+    """Counts the running forwards of the module that proved its pairs: a pair folds only inside one
+    (a conv called on its own, or through a slice of a Sequential, runs plain). Its methods are that
+    module's forward hooks."""
+
+    def __init__(self) -> None:
+        self.active = 0
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        self.active += 1
+
+    def leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.active -= 1
+
+
 @dataclass
 class _Pair:
     """A folded conv and its BatchNorm; ``conv_forward``/``norm_forward`` become their ``forward``.
@@ -116,23 +165,32 @@ class _Pair:
 
     conv: nn.Module
     norm: nn.Module
+    scope: _Scope
     folded: int | None = None  # id() of the folded conv's output, until the norm takes it
-    outputs: int = 0  # elements of the conv's last output
 
-    def worth_it(self) -> bool:
+    def worth_it(self, input: Tensor) -> bool:
         """Whether folding saves work: scaling the weight (and its gradient) costs passes over the
-        weight, the BatchNorm it replaces passes over the activations. Both are exact, so this only
-        chooses the faster one (from the last forward's output size; the first forward folds)."""
-        return self.conv.weight.numel() <= self.outputs or not self.outputs
+        weight, the BatchNorm it replaces passes over the activations (about ``input.numel()`` scaled
+        by the channel ratio and the stride). Both are exact; this only picks the faster, from the
+        input's shape alone (so an activation checkpoint's recomputation decides alike)."""
+        conv = self.conv
+        outputs = input.numel() // max(conv.in_channels, 1) * conv.out_channels
+        for stride in conv.stride:
+            outputs //= stride
+        return conv.weight.numel() <= outputs
+
+    def _hooked(self) -> bool:
+        """Hooks would see (or change) the tensor between conv and BatchNorm: fold only without them."""
+        return bool(self.conv._forward_hooks or self.norm._forward_pre_hooks or _global_forward_hooks
+                    or _global_forward_pre_hooks)
 
     def conv_forward(self, input: Tensor) -> Tensor:
         conv, norm = self.conv, self.norm
-        t = _running_tensors(norm) if self.worth_it() else None
+        foldable = self.scope.active > 0 and self.worth_it(input) and not self._hooked()
+        t = _running_tensors(norm) if foldable else None
         if t is None:
             self.folded = None
-            out = type(conv).forward(conv, input)
-            self.outputs = out.numel()
-            return out
+            return type(conv).forward(conv, input)
         scale = torch.rsqrt(t.running_var + norm.eps)
         if t.weight is not None:
             scale = t.weight * scale
@@ -141,14 +199,25 @@ class _Pair:
             shift = shift + t.bias
         weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype)
         out = conv._conv_forward(input, weight, shift.to(conv.weight.dtype))
-        self.folded, self.outputs = id(out), out.numel()
+        self.folded = id(out)
         return out
 
     def norm_forward(self, input: Tensor) -> Tensor:
-        if self.folded is not None and self.folded == id(input):
+        if self.folded is not None and self.folded == id(input) and self.scope.active > 0:
             self.folded = None
             return _drop_act(self.norm, input)  # already normalized by the conv; timm's drop and act still run
+        self.folded = None
         return type(self.norm).forward(self.norm, input)
+
+
+def _unfold_modules(modules: list[nn.Module]) -> None:
+    for module in modules:
+        if isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _Pair):
+            del module.__dict__["forward"]
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _Scope)]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
 
 
 @dataclass
@@ -161,9 +230,8 @@ class FoldHandle:
     _modules: list[nn.Module] = field(default_factory=list, repr=False)
 
     def remove(self) -> None:
-        """Give every conv and BatchNorm back its class's forward (idempotent)."""
-        for module in self._modules:
-            module.__dict__.pop("forward", None)
+        """Give every conv and BatchNorm back its class's forward and drop the scope hooks (idempotent)."""
+        _unfold_modules(self._modules)
         self._modules = []
 
     def __enter__(self) -> FoldHandle:
@@ -173,27 +241,38 @@ class FoldHandle:
         self.remove()
 
 
+def unfold(model: nn.Module) -> None:
+    """Undo every fold in ``model``, also in a copy or an unpickled model that has no handle."""
+    _unfold_modules(list(model.modules()))
+
+
 def fold(model: nn.Module) -> FoldHandle:
     """Fold each BatchNorm into the convolution before it, whenever the BatchNorm normalizes with
     running statistics and updates nothing (see the module docstring).
 
-    Finds every ``Conv1d/2d/3d`` whose output feeds only a BatchNorm layer
-    (``nn.BatchNorm*d``, bnctl's, timm's ``BatchNormAct2d`` — its dropout and
-    activation still run — or a buffers-only ``FrozenBatchNorm2d``), proved
-    from the model's ``torch.fx`` graph; parts fx cannot trace are analysed
-    through their plain ``nn.Sequential`` containers and traceable children,
-    and listed in ``handle.skipped``. Layers in train() under the ``torch``
-    preset (batch statistics) or updating their statistics
-    (``running_update``) run unfolded, so their updates see the conv's output.
-    A pair whose conv weight has more elements than its output (deep layers
-    of small inputs) also runs unfolded: scaling that weight at every forward
-    would cost more than the BatchNorm pass it saves.
+    Finds every ``Conv1d/2d/3d`` (of exactly those classes) whose output
+    feeds only a BatchNorm layer (``nn.BatchNorm*d``, bnctl's, timm's
+    ``BatchNormAct2d`` — its dropout and activation still run — or a
+    buffers-only ``FrozenBatchNorm2d``), proved from the model's
+    ``torch.fx`` graph in both train() and eval(); parts fx cannot trace are
+    analysed through their plain ``nn.Sequential`` containers and traceable
+    children, and listed in ``handle.skipped``. A pair folds only while the
+    module that proved it runs (a conv called alone, or through a slice of
+    a Sequential, runs plain), without hooks between the two, and:
+
+    * when the BatchNorm normalizes with running statistics and updates
+      nothing: in train() under the ``torch`` preset (batch statistics) or
+      while updating (``running_update``) the pair runs unfolded, so updates
+      see the conv's output;
+    * when its conv weight has no more elements than its output: scaling a
+      larger weight at every forward would cost more than the BatchNorm pass.
 
     Args:
         model: the model (in any mode; the decision is made at every forward).
 
     Returns:
         A :class:`FoldHandle`; ``handle.remove()`` (or leaving ``with bnctl.fold(model):``) restores.
+        A copy or pickle of a folded model stays folded: :func:`unfold` undoes that.
 
     Raises:
         ValueError: a conv or BatchNorm of ``model`` is already folded.
@@ -207,15 +286,23 @@ def fold(model: nn.Module) -> FoldHandle:
         [('0', '1')] True
     """
     skipped: list[str] = []
-    pairs = _find(model, "", skipped)
+    found = _find(model, "", skipped)
     modules = dict(model.named_modules())
-    already = [name for pair in pairs for name in pair if "forward" in modules[name].__dict__]
+    already = [name for _, *pair in found for name in pair if "forward" in modules[name].__dict__]
     if already:
         raise ValueError(f"{already[0]}: expected a module without an instance-level forward, got one (already "
-                         "folded?). Remove the earlier fold handle first.")
-    handle = FoldHandle(pairs, skipped)
-    for conv_name, norm_name in pairs:
-        pair = _Pair(modules[conv_name], modules[norm_name])
+                         "folded: remove that fold's handle, or call bnctl.unfold(model) on a copy).")
+    handle = FoldHandle([(conv, norm) for _, conv, norm in found], skipped)
+    scopes: dict[str, _Scope] = {}
+    for prefix, conv_name, norm_name in found:
+        scope = scopes.get(prefix)
+        if scope is None:
+            scope = scopes[prefix] = _Scope()
+            owner = modules[prefix]
+            owner.register_forward_pre_hook(scope.enter)
+            owner.register_forward_hook(scope.leave, always_call=True)
+            handle._modules.append(owner)
+        pair = _Pair(modules[conv_name], modules[norm_name], scope)
         pair.conv.forward = pair.conv_forward
         pair.norm.forward = pair.norm_forward
         handle._modules += [pair.conv, pair.norm]

@@ -92,7 +92,19 @@ def swap_in(model: nn.Module, name: str, frozen: nn.Module) -> Swap:
     swap = Swap(name, places, frozen, stand_in(frozen))
     for parent, attr in places:
         parent._modules[attr] = swap.stand_in
+    _move_fold(frozen, swap.stand_in)
     return swap
+
+
+def _move_fold(old: nn.Module, new: nn.Module) -> None:
+    """Hand a :func:`bnctl.fold` pairing of ``old`` (an instance-level forward bound to its pair) to
+    ``new``, so the conv before it folds with the module that is now in the model."""
+    forward = old.__dict__.get("forward")
+    pair = getattr(forward, "__self__", None)
+    if pair is not None and getattr(pair, "norm", None) is old:
+        del old.__dict__["forward"]
+        pair.norm = new
+        new.forward = forward
 
 
 def swap_out(swap: Swap) -> None:
@@ -103,3 +115,4 @@ def swap_out(swap: Swap) -> None:
             target.copy_(getattr(swap.stand_in, key).detach().reshape(target.shape))
     for parent, attr in swap.places:
         parent._modules[attr] = swap.original
+    _move_fold(swap.stand_in, swap.original)
