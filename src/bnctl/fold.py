@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .frozen import is_frozen_batchnorm
-from .modules import BatchNormAct2d, _drop_act, _PolicyForward, is_uninitialized, layer_plan, layer_state
+from .modules import drop_act, is_uninitialized, layer_plan, layer_state, normalizes_only
 from .state import LayerTensors
 
 __all__ = ["FoldHandle", "fold", "unfold"]
@@ -43,18 +43,7 @@ def _is_conv(module: nn.Module) -> bool:
 
 def _is_norm(module: nn.Module) -> bool:
     """A BatchNorm whose forward bnctl knows to be plain normalization (then timm's drop and act)."""
-    if is_frozen_batchnorm(module):
-        return True
-    if not isinstance(module, _BatchNorm) or hasattr(module, "aux_bn"):
-        return False
-    state = layer_state(module)
-    cls = type(module) if state is None else state.origin
-    if cls.__module__.split(".")[0] == "timm" and cls.__name__ == "BatchNormAct2d":
-        return True
-    return cls.forward in _PLAIN_FORWARDS or type(module) is BatchNormAct2d
-
-
-_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _PolicyForward.forward)
+    return is_frozen_batchnorm(module) or normalizes_only(module)
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -205,7 +194,7 @@ class _Pair:
     def norm_forward(self, input: Tensor) -> Tensor:
         if self.folded is not None and self.folded == id(input) and self.scope.active > 0:
             self.folded = None
-            return _drop_act(self.norm, input)  # already normalized by the conv; timm's drop and act still run
+            return drop_act(self.norm, input)  # already normalized by the conv; timm's drop and act still run
         self.folded = None
         return type(self.norm).forward(self.norm, input)
 

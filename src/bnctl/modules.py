@@ -36,11 +36,14 @@ __all__ = [
     "check_policy",
     "control",
     "display_name",
+    "drop_act",
     "grad_flags",
+    "is_timm_class",
     "is_uninitialized",
     "layer_plan",
     "layer_policy",
     "layer_state",
+    "normalizes_only",
     "policy_class",
     "register_subclass",
     "release",
@@ -374,7 +377,7 @@ def _forward_overrides(cls: type) -> list[type]:
 # -- classes of other libraries, recognized by name (bnctl imports none of them) -------------
 
 
-def _drop_act(layer: nn.Module, y: Tensor) -> Tensor:
+def drop_act(layer: nn.Module, y: Tensor) -> Tensor:
     """What timm's norm+act layers do after normalizing: dropout, then the activation."""
     if hasattr(layer, "drop"):
         y = layer.drop(y)
@@ -396,15 +399,31 @@ def _split_forward(self: nn.Module, input: Tensor) -> Tensor:
     plan = self._bnctl.plan(self)
     if self.training and plan.train != plan.eval:
         return self._bnctl.origin.forward(self, input)
-    return _drop_act(self, _PolicyForward.forward(self, input))
+    return drop_act(self, _PolicyForward.forward(self, input))
+
+
+def is_timm_class(cls: type, name: str) -> bool:
+    """Whether ``cls`` is timm's class ``name`` (by package and name: bnctl never imports timm)."""
+    return cls.__module__.split(".")[0] == "timm" and cls.__name__ == name
+
+
+def normalizes_only(layer: nn.Module) -> bool:
+    """Whether ``layer``'s forward is BatchNorm's normalization and nothing else, but for timm's
+    dropout and activation after it (:func:`drop_act`): torch's classes, bnctl's, and timm's
+    ``BatchNormAct2d``; not ``SplitBatchNorm2d`` nor a subclass with a ``forward`` of its own."""
+    if not isinstance(layer, _BatchNorm):
+        return False
+    state: LayerState | None = layer.__dict__.get("_bnctl")
+    cls = type(layer) if state is None else state.origin
+    plain = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _PolicyForward.forward, BatchNormAct2d.forward)
+    return is_timm_class(cls, "BatchNormAct2d") or cls.forward in plain
 
 
 def _known_forward(cls: type) -> Callable[[nn.Module, Tensor], Tensor] | None:
-    """bnctl's forward for a third-party class it knows (by package and name), else ``None``."""
-    package = cls.__module__.split(".")[0]
-    if package == "timm" and cls.__name__ == "BatchNormAct2d":  # normalization, drop, act
-        return lambda self, input: _drop_act(self, _PolicyForward.forward(self, input))
-    if package == "timm" and cls.__name__ == "SplitBatchNorm2d":
+    """bnctl's forward for a third-party class it knows, else ``None``."""
+    if is_timm_class(cls, "BatchNormAct2d"):  # normalization, drop, act
+        return lambda self, input: drop_act(self, _PolicyForward.forward(self, input))
+    if is_timm_class(cls, "SplitBatchNorm2d"):
         return _split_forward
     return None
 

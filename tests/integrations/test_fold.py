@@ -145,20 +145,20 @@ def assert_same_buffers(got: dict, want: dict) -> None:
 
 def folded_count(model: nn.Module, handle: bnctl.FoldHandle, x: torch.Tensor) -> int:
     """How many pairs folded in one no-grad forward: a folded pair's BatchNorm only applies what follows
-    its normalization (bnctl.fold's ``_drop_act``); hooks would stop folding, so none is used."""
+    its normalization (bnctl.fold's ``drop_act``); hooks would stop folding, so none is used."""
     fold_module = importlib.import_module("bnctl.fold")
-    original, folded = fold_module._drop_act, []
+    original, folded = fold_module.drop_act, []
 
     def counting(layer, y):
         folded.append(layer)
         return original(layer, y)
 
-    fold_module._drop_act = counting
+    fold_module.drop_act = counting
     try:
         with torch.no_grad():
             model(x)
     finally:
-        fold_module._drop_act = original
+        fold_module.drop_act = original
     return len(folded)
 
 
