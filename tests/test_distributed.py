@@ -287,6 +287,7 @@ def one_rank():
 @pytest.mark.parametrize("alpha", [1.0, 0.4])
 def test_sync_normalize_gradcheck_on_one_rank(alpha):
     from bnctl.distributed import sync_normalize
+    from bnctl.functional import global_stats
 
     with one_rank():
         x = (2 * torch.randn(5, C, 3, 2, dtype=torch.float64) + 1).requires_grad_(True)
@@ -295,7 +296,8 @@ def test_sync_normalize_gradcheck_on_one_rank(alpha):
         rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
 
         def f(x, w, b):
-            return sync_normalize(x, w, b, 1e-5, None, alpha=alpha, running_mean=rm, running_var=rv)[0]
+            stats = global_stats(x, None)
+            return sync_normalize(x, w, b, 1e-5, None, stats, alpha=alpha, running_mean=rm, running_var=rv)[0]
 
         assert torch.autograd.gradcheck(f, (x, w, b))
 

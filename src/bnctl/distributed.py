@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["GlobalStats", "active", "gather_rows", "global_stats", "merge_rows", "stats_dtype", "sync_normalize"]
+__all__ = ["GlobalStats", "across_ranks", "active", "gather_rows", "merge_rows", "stats_dtype", "sync_normalize"]
 
 
 def active() -> bool:
@@ -78,22 +78,13 @@ class GlobalStats(NamedTuple):
     n: int
 
 
-def global_stats(x: Tensor, group: Any = None) -> GlobalStats:
-    """Mean and biased variance per channel over all ranks' ``x`` (``(N_r, C, *)``, any ``N_r >= 0``).
-
-    Each rank's own statistics come from PyTorch's kernel (at the input's
-    precision, float32 for lower ones), the merge is float64. One collective;
-    every rank must call it, also with an empty slice; every rank gets the
-    same values. No gradient.
-    """
+def across_ranks(mean: Tensor, var: Tensor, n: int, group: Any = None) -> GlobalStats:
+    """This rank's per-channel mean and biased variance over ``n`` values merged with every other
+    rank's (each rank's own from :func:`bnctl.functional.batch_stats`; ``n`` may be 0): the union's
+    statistics, in float64, the same on every rank. One collective; every rank must call it. No
+    gradient."""
     with torch.no_grad():
-        n = x.numel() // x.shape[1] if x.shape[1] else 0
-        if n:
-            xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
-            mean, m2 = mean.to(torch.float64), var.to(torch.float64) * n
-        else:
-            mean = m2 = x.new_zeros(x.shape[1], dtype=torch.float64)
+        mean, m2 = mean.to(torch.float64), var.to(torch.float64) * n
         counts, means, m2s = gather_rows(torch.stack([torch.full_like(mean, float(n)), mean, m2]), group).unbind(1)
         total, mean_g, m2_g = merge_rows(counts, means, m2s)
     count = int(total[0]) if total.numel() else 0  # equal over channels; one host read
@@ -113,8 +104,7 @@ class _SyncNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, alpha: float,
                 running_mean: Tensor | None, running_var: Tensor | None, eps: float,
-                group: Any, given: GlobalStats | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        stats = global_stats(x, group) if given is None else given
+                group: Any, stats: GlobalStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         mean, var = stats.mean, stats.var
         if alpha != 1.0:
             mean = alpha * mean + (1.0 - alpha) * running_mean.to(torch.float64)
@@ -161,13 +151,12 @@ def stats_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
 
 
 def sync_normalize(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any, *,
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any, stats: GlobalStats, *,
     alpha: float = 1.0, running_mean: Tensor | None = None, running_var: Tensor | None = None,
-    stats: GlobalStats | None = None,
 ) -> tuple[Tensor, GlobalStats]:
-    """``x`` normalized with the statistics of every rank's batch (blended with the running ones
-    for ``alpha < 1``), and those statistics. One collective forward (none when ``stats``, from
-    :func:`global_stats` on the same ``x``, are given), one in backward."""
+    """``x`` normalized with ``stats``, the statistics of every rank's batch (:func:`across_ranks` of
+    this ``x``), blended with the running ones for ``alpha < 1``; and those statistics. The backward
+    makes one collective."""
     y, mean, var, count = _SyncNormalize.apply(x, weight, bias, alpha, running_mean, running_var, eps, group,
                                                stats)
     return y, GlobalStats(mean, var, int(count))

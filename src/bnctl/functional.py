@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import normalize_with_stats, reduce_dims
-from .distributed import gather_rows, global_stats, merge_rows, stats_dtype, sync_normalize
+from .distributed import across_ranks, gather_rows, merge_rows, stats_dtype, sync_normalize
 from .policy import Mode, Normalize, Step, make_step
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "ema",
     "ema_weight",
     "exporting",
+    "global_stats",
     "new_running_values",
     "normalize",
     "normalize_and_observe",
@@ -116,11 +117,19 @@ def batch_stats(x: Tensor) -> BatchStats:
     """
     with torch.no_grad():
         xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        if exporting() or transformed():  # an op every exporter knows, with a vmap batching rule
+        if not xs.numel():  # an empty batch (the kernel refuses one): no values, zero sums
+            mean = var = xs.new_zeros(x.shape[1])
+        elif exporting() or transformed():  # an op every exporter knows, with a vmap batching rule
             var, mean = torch.var_mean(xs, reduce_dims(x.dim()), unbiased=False)
         else:
             mean, var = torch.batch_norm_update_stats(xs, None, None, 0.0)
     return BatchStats(mean, var, values_per_channel(x))
+
+
+def global_stats(x: Tensor, group: Any = None) -> BatchStats:
+    """:func:`batch_stats` of the union of every rank's ``x`` in ``group`` (float64; one collective,
+    which every rank must make, also with an empty ``x``)."""
+    return BatchStats(*across_ranks(*batch_stats(x), group))
 
 
 # -- which statistics normalize ------------------------------------------------------------
@@ -368,27 +377,26 @@ def _synced(
         out = _running(x, running_mean, running_var, weight, bias, eps, updated_next=observe)
         if not observe:
             return out, x.new_empty(0)
-        stats = global_stats(x, group)
-        return out, BatchStats(stats.mean, stats.var, stats.n)
+        return out, global_stats(x, group)
     stats = global_stats(x, group)
     if stats.n == 1:  # every rank sees the same count, so every rank takes the same branch
         if fallback and running_mean is not None:  # running statistics for this batch; nothing written
-            return _running(x, running_mean, running_var, weight, bias, eps), BatchStats(stats.mean, stats.var, 0)
+            return _running(x, running_mean, running_var, weight, bias, eps), stats._replace(n=0)
         raise ValueError(
             "expected more than 1 value per channel over all ranks to compute batch statistics, got 1. "
             "Use larger batches, a policy with fallback=True, or one that normalizes with running statistics."
         )
     if how == "renorm":
         with torch.no_grad():
-            r, d = _renorm_factors(BatchStats(*stats), running_mean, running_var, eps, limits)
+            r, d = _renorm_factors(stats, running_mean, running_var, eps, limits)
         r, d = (t.to(stats_dtype(x, weight)) for t in (r, d))
         w, b = (r, d) if weight is None else (weight * r, weight * d)
-        out, _ = sync_normalize(x, w, b if bias is None else b + bias, eps, group, stats=stats)
+        out, _ = sync_normalize(x, w, b if bias is None else b + bias, eps, group, stats)
     else:
         alpha = 1.0 if how == "batch" else float(how)
-        out, _ = sync_normalize(x, weight, bias, eps, group, alpha=alpha, running_mean=running_mean,
-                                running_var=running_var, stats=stats)
-    return out, BatchStats(*stats)
+        out, _ = sync_normalize(x, weight, bias, eps, group, stats, alpha=alpha, running_mean=running_mean,
+                                running_var=running_var)
+    return out, stats
 
 
 # -- update rules: new values, written by the caller ---------------------------------------
