@@ -29,8 +29,10 @@ $(INT_VENV)/.installed: requirements-integrations.txt pyproject.toml
 	$(INT_PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# The fused Triton kernel (tests/test_kernels.py) runs there too, on the CPU under Triton's interpreter.
 test-integrations: $(INT_VENV)/.installed
 	$(INT_PY) -m pytest -q tests/integrations
+	TRITON_INTERPRET=1 $(INT_PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_layers.py

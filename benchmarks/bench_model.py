@@ -7,7 +7,10 @@ Candidates are interleaved and each is timed as the median of ``--repeat`` steps
 is asserted.
 
     python benchmarks/bench_model.py [--batch 16] [--size 112] [--repeat 15] [--threads 2] [--device cpu|cuda]
-                                     [--amp] [--compile] [--torchvision resnet50]
+                                     [--amp] [--compile] [--torchvision resnet50] [--only torch,running_update,fold]
+
+``--only`` keeps the setups whose names contain one of the given words (and the baselines they are
+compared with): compiling every setup of a ResNet-50 takes minutes.
 """
 
 from __future__ import annotations
@@ -141,11 +144,21 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--torchvision", default=None, help="a torchvision model name, e.g. resnet50")
+    parser.add_argument("--only", default=None, help="comma-separated words: keep the setups naming one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    steps = {name: step_fn(m, training, args, device) for name, (m, training) in setups(args).items()}
+    rows = [("native BN train", ["native BN train (again)", *(f"bnctl {p}" for p in PRESETS_TRAIN)]),
+            ("FrozenBatchNorm2d", ["bnctl frozen", "bnctl frozen + fold"]),
+            ("native BN eval, affine learns", ["bnctl frozen_stats", "bnctl frozen_stats + fold"])]
+    if args.only:
+        words = args.only.split(",")
+        rows = [(base, [n for n in names if "again" in n or any(w in n for w in words)]) for base, names in rows]
+        rows = [(base, names) for base, names in rows if len(names) > ("again" in " ".join(names))]
+    keep = {name for base, names in rows for name in (base, *names)}
+    steps = {name: step_fn(m, training, args, device) for name, (m, training) in setups(args).items()
+             if name in keep}
     for step in steps.values():  # warm-up (and compilation)
         for _ in range(3):
             step()
@@ -160,9 +173,6 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"torch {torch.__version__}, {device}, {args.threads} threads, {args.torchvision or 'resnet18'}, "
           f"batch {args.batch} at {args.size} px, amp={args.amp}, compile={args.compile}; median of {args.repeat}")
-    rows = [("native BN train", ["native BN train (again)", *(f"bnctl {p}" for p in PRESETS_TRAIN)]),
-            ("FrozenBatchNorm2d", ["bnctl frozen", "bnctl frozen + fold"]),
-            ("native BN eval, affine learns", ["bnctl frozen_stats", "bnctl frozen_stats + fold"])]
     for baseline, names in rows:
         print(f"{baseline:32s} {med[baseline] * 1e3:8.1f} ms")
         for name in names:

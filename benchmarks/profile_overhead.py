@@ -1,7 +1,9 @@
 """Where does a bnctl forward spend its time beyond native BatchNorm? (diagnostic, not a test)
 
 1. Times forward-only and forward+backward of native BatchNorm2d, the bnctl ``torch``
-   preset, and the same with the non-finite guard replaced by a plain copy, on one device.
+   preset, and the same with the guarded update replaced by a plain copy, on one device.
+   On CUDA the guarded update is one Triton kernel where Triton is installed; ``BNCTL_TRITON=0``
+   measures the composed PyTorch ops instead.
 2. The fixed cost per forward of each preset: a tiny layer (4 x 8 x 2 x 2, where the
    arithmetic is negligible) against native BatchNorm in the matching mode, best of five
    rounds, in microseconds: what every BatchNorm layer of a model pays per forward
@@ -19,7 +21,8 @@ import torch
 from torch import nn
 
 import bnctl
-from bnctl import state
+from bnctl import kernels, state
+from bnctl.functional import new_running_values
 
 
 def timed(fn, device, n=200, rounds=1):
@@ -66,7 +69,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    fused = kernels.usable(torch.zeros(1, device=device))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fused Triton update: {fused}")
     x = torch.randn(32, 256, 14, 14, device=device, requires_grad=True)
     g = torch.randn_like(x)
     native = nn.BatchNorm2d(256).to(device).train()
@@ -80,20 +84,21 @@ def main(argv=None):
 
     rows = [("native", native), ("bnctl torch preset", ours)]
     results = {name: (timed(fwd(m), device), timed(fwd_bwd(m), device)) for name, m in rows}
-    real_commit = state.copy_if_finite_
+    real_write = state.write_running_
 
-    def no_guard(targets, values, nbt):
+    def no_guard(update, rm, rv, nbt, observed, momentum, accumulator=None, counter=None):
+        targets, values = new_running_values(update, rm, rv, nbt, observed, momentum, accumulator)
         chunks = values.split([t.numel() for t in targets])
         torch._foreach_copy_(targets, [c.view_as(t) for c, t in zip(chunks, targets)])
         if nbt is not None:
             nbt.add_(1)
         return True
 
-    state.copy_if_finite_ = no_guard
+    state.write_running_ = no_guard
     try:
         results["bnctl, guard replaced by copy"] = (timed(fwd(ours), device), timed(fwd_bwd(ours), device))
     finally:
-        state.copy_if_finite_ = real_commit
+        state.write_running_ = real_write
     base = results["native"]
     print(f"device {device}, (32, 256, 14, 14), microseconds per call")
     for name, (f, fb) in results.items():

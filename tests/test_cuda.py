@@ -111,3 +111,23 @@ def test_accumulate_recalibrate_domains_and_report_on_cuda():
             assert torch.equal(v, before[k]), k
     r = bnctl.report(model, x)
     assert r.layers[0].domains == ["default", "target"] and r.layers[0].mean_shift is not None
+
+
+@pytest.mark.parametrize("preset", ["torch", "running_update", "renorm", "frozen", "frozen_stats", "test_time",
+                                    "batch_no_update"])
+def test_training_step_waits_for_nothing(preset):
+    """No forward or backward under any preset synchronizes with the device (CUDA's sync debug mode
+    raises at a synchronizing call)."""
+    _, bn = pair()
+    bnctl.apply(bn, preset)
+    x = torch.randn(16, 8, 4, 4, device=DEV, requires_grad=True)
+    g = torch.randn_like(x)
+    bn.train()(x).backward(g)  # first use: the layer's counters are created
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            bn(x).backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if preset in ("torch", "running_update", "renorm"):
+        assert int(bn.num_batches_tracked) == 4 and bn.skipped_updates == 0

@@ -35,20 +35,20 @@ GUARDS = [_copy_if_finite_host, _copy_if_finite_device]
 def test_guard_writes_all_or_nothing(guard):
     a, b = torch.zeros(3), torch.ones(3)
     nbt = torch.tensor(4)
-    ok = guard([a, b], torch.tensor([2.0, 2.0, 2.0, 1.0, float("nan"), 1.0]), nbt)
+    ok = guard([a, b], torch.tensor([2.0, 2.0, 2.0, 1.0, float("nan"), 1.0]), [nbt])
     assert not bool(ok)
     assert torch.equal(a, torch.zeros(3)) and torch.equal(b, torch.ones(3)) and int(nbt) == 4
-    ok = guard([a, b], torch.tensor([2.0] * 3 + [3.0] * 3), nbt)
+    ok = guard([a, b], torch.tensor([2.0] * 3 + [3.0] * 3), [nbt])
     assert bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
     for bad in (float("inf"), -float("inf"), 1e308):  # an overflowing float64 sum counts too
-        ok = guard([a, b], torch.tensor([bad] * 6, dtype=torch.float64), nbt)
+        ok = guard([a, b], torch.tensor([bad] * 6, dtype=torch.float64), [nbt])
         assert not bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
 
 
 def test_guard_host_path_returns_bool_device_path_tensor():
     a = torch.zeros(2)
-    assert _copy_if_finite_host([a], torch.ones(2), None) is True
-    flag = _copy_if_finite_device([a], torch.ones(2), None)
+    assert _copy_if_finite_host([a], torch.ones(2), []) is True
+    flag = _copy_if_finite_device([a], torch.ones(2), [])
     assert isinstance(flag, torch.Tensor) and flag.dtype == torch.bool and flag.dim() == 0
 
 
@@ -71,7 +71,7 @@ def test_ema_of_one_value_is_undefined_not_an_error():
 
 
 def _write(targets, values, nbt):
-    return _copy_if_finite_host(targets, values, nbt)
+    return _copy_if_finite_host(targets, values, [nbt])
 
 
 def test_cumulative_update_is_exact_and_split_invariant():
@@ -107,7 +107,7 @@ def test_batch_average_is_the_mean_of_per_batch_statistics():
     batches = [torch.randn(8, 3, dtype=torch.float64) + i for i in range(4)]
     avg = BatchAverage.empty(3)
     for b in batches:
-        _copy_if_finite_host(avg.tensors, torch.cat(avg.merged(batch_stats(b))), None)
+        _copy_if_finite_host(avg.tensors, torch.cat(avg.merged(batch_stats(b))), [])
     mean, var = avg.population()
     torch.testing.assert_close(mean, torch.stack([b.mean(0) for b in batches]).mean(0))
     torch.testing.assert_close(var, torch.stack([b.var(0) for b in batches]).mean(0))
@@ -118,7 +118,7 @@ def test_accumulator_as_one_batch():
     x = torch.randn(20, 3, dtype=torch.float64)
     acc = Accumulator.empty(3)
     for chunk in x.split([6, 14]):
-        _copy_if_finite_host(acc.tensors, torch.cat(acc.merged(batch_stats(chunk))), None)
+        _copy_if_finite_host(acc.tensors, torch.cat(acc.merged(batch_stats(chunk))), [])
     pooled = acc.as_batch()
     assert pooled.n == 20
     torch.testing.assert_close(pooled.var, x.var(0, unbiased=False))
@@ -219,7 +219,7 @@ def test_writes_never_invalidate_a_graph_that_saved_the_buffers(guard):
     """As PyTorch's kernel: no version bump, so an earlier graph's backward still runs."""
     x, rm, rv, w, b = make_inputs((4, 3, 2, 2))
     y = normalize(x, "running", rm, rv, w, b, 1e-5)  # saves the buffers, as torch's eval mode does
-    guard([rm, rv], torch.cat([rm + 1, rv * 2]), None)
+    guard([rm, rv], torch.cat([rm + 1, rv * 2]), [])
     y.backward(torch.randn_like(y))
 
 

@@ -17,7 +17,8 @@ new batch:
     \\mathrm{running\\_var} \\leftarrow (1 - m)\\,\\mathrm{running\\_var} + m\\,\\sigma^2_B\\,\\frac{n}{n-1}
 
 Non-finite values are never written: :func:`copy_if_finite_` writes all new
-values or none, without a host synchronization on devices.
+values or none, without a host synchronization on devices (on CUDA with
+Triton, :func:`write_running_` does an EMA update in one fused kernel).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .autograd import normalize_with_stats, reduce_dims
 from .distributed import across_ranks, gather_rows, merge_rows, stats_dtype, sync_normalize
 from .policy import Mode, Normalize, Step, make_step
@@ -56,6 +58,7 @@ __all__ = [
     "step_for_batch",
     "traced",
     "transformed",
+    "write_running_",
 ]
 
 
@@ -573,12 +576,63 @@ def new_running_values(
 # -- the guard ------------------------------------------------------------------------------
 
 
-def copy_if_finite_(targets: list[Tensor], values: Tensor, num_batches_tracked: Tensor | None) -> Status:
+def write_running_(
+    update: str,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    observed: Observed,
+    momentum: float | None,
+    accumulator: Accumulator | None = None,
+    *,
+    counter: Tensor | None = None,
+) -> Status:
+    """One guarded running update: :func:`new_running_values` written by :func:`copy_if_finite_`.
+
+    On CUDA, with Triton, an EMA update runs as one fused kernel
+    (:func:`bnctl.kernels.ema_if_finite_`: the same values, guard and
+    counters in one launch); everywhere else the composed ops run.
+    ``counter`` (a 0-dim int64 tensor) is also incremented when the values are written.
+    """
+    if update == "ema" and not traced():
+        fused = _fused_ema_args(running_mean, running_var, num_batches_tracked, observed, momentum, counter)
+        if fused is not None:
+            ok = kernels.ema_if_finite_(running_mean, running_var, *fused, counters=(num_batches_tracked, counter))
+            if ok is not None:
+                return ok
+    targets, values = new_running_values(
+        update, running_mean, running_var, num_batches_tracked, observed, momentum, accumulator
+    )
+    return copy_if_finite_(targets, values, num_batches_tracked, counter=counter)
+
+
+def _fused_ema_args(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, observed: Observed,
+    momentum: float | None, counter: Tensor | None,
+) -> tuple[Tensor, Tensor, float | None, float] | None:
+    """``(new_mean, new_var, weight, var_factor)`` for the fused kernel, or None where it does not apply."""
+    if isinstance(observed, BatchStats):
+        if observed.n == 0:
+            return None
+        candidates = (running_mean, running_var, num_batches_tracked, counter, observed.mean, observed.var)
+        if not kernels.usable(*candidates):
+            return None
+        factor = observed.n / (observed.n - 1) if observed.n > 1 else math.nan
+        return observed.mean, observed.var, float(ema_weight(momentum, num_batches_tracked)), factor
+    if not kernels.usable(running_mean, running_var, num_batches_tracked, counter, observed):
+        return None
+    return observed[0], observed[1], None, 1.0
+
+
+def copy_if_finite_(
+    targets: list[Tensor], values: Tensor, num_batches_tracked: Tensor | None, *, counter: Tensor | None = None
+) -> Status:
     """Copy ``values`` into ``targets``, all or none: none if any value is non-finite.
 
     ``values`` is the flat concatenation of the new values, in the order of
     ``targets``; ``num_batches_tracked`` (if given) is incremented when they
-    are written. One float64 sum over all of them decides (so values large
+    are written, and so is ``counter`` (a 0-dim int64 tensor, if given). One
+    float64 sum over all of them decides (so values large
     enough to overflow float64 count as non-finite too). On the CPU the
     check branches in Python (free there); on other devices, and wherever
     the code is :func:`traced` (compiled, exported, ``jit.trace``, ``vmap``),
@@ -592,27 +646,26 @@ def copy_if_finite_(targets: list[Tensor], values: Tensor, num_batches_tracked: 
     with a plain ``copy_``, which the tracers and transforms understand.)
     """
     values = values.detach()  # (jit.trace does not record no_grad; it records detach)
+    counters = [c for c in (num_batches_tracked, counter) if c is not None]
     with torch.no_grad():
         if traced():
-            return _copy_if_finite_device(targets, values, num_batches_tracked, data=False)
+            return _copy_if_finite_device(targets, values, counters, data=False)
         if targets[0].device.type == "cpu":
-            return _copy_if_finite_host(targets, values, num_batches_tracked)
-        return _copy_if_finite_device(targets, values, num_batches_tracked)
+            return _copy_if_finite_host(targets, values, counters)
+        return _copy_if_finite_device(targets, values, counters)
 
 
-def _copy_if_finite_host(targets: list[Tensor], values: Tensor, num_batches_tracked: Tensor | None) -> bool:
+def _copy_if_finite_host(targets: list[Tensor], values: Tensor, counters: list[Tensor]) -> bool:
     ok = math.isfinite(float(values.sum(dtype=torch.float64)))
     if ok:
         for target, new in zip(targets, values.split([t.numel() for t in targets])):
             target.data.copy_(new.view_as(target))
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
+        for c in counters:
+            c.add_(1)
     return ok
 
 
-def _copy_if_finite_device(
-    targets: list[Tensor], values: Tensor, num_batches_tracked: Tensor | None, data: bool = True
-) -> Tensor:
+def _copy_if_finite_device(targets: list[Tensor], values: Tensor, counters: list[Tensor], data: bool = True) -> Tensor:
     flag = (values.sum(dtype=torch.float64) * 0) == 0  # False for inf and nan
     current = torch.cat([t.reshape(-1).to(values.dtype) for t in targets])
     merged = torch.where(flag, values, current)
@@ -622,8 +675,8 @@ def _copy_if_finite_device(
     else:  # traced: plain copies (vmap has no batching rule for the fused one)
         for target, new in zip(targets, news):
             target.copy_(new)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(flag)
+    for c in counters:
+        c.add_(flag)
     return flag
 
 
@@ -698,8 +751,5 @@ def batch_norm(
     out, observed = normalize_and_observe(
         x, step.normalize, running_mean, running_var, weight, bias, eps, limits=limits, ema_weight=weight_ema
     )
-    targets, values = new_running_values(
-        step.update, running_mean, running_var, num_batches_tracked, observed, step.momentum, accumulator
-    )
-    copy_if_finite_(targets, values, num_batches_tracked)
+    write_running_(step.update, running_mean, running_var, num_batches_tracked, observed, step.momentum, accumulator)
     return out

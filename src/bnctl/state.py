@@ -42,11 +42,11 @@ from .functional import (
     check_eps,
     copy_if_finite_,
     ema_weight,
-    new_running_values,
     renorm_limits,
     step_for_batch,
     traced,
     transformed,
+    write_running_,
 )
 from .policy import TORCH, Plan, Policy, Step, make_plan
 
@@ -152,14 +152,26 @@ class UpdateCounts:
     def skipped(self) -> int:
         return self.attempts - int(self.applied)
 
-    def add(self, ok: Status) -> None:
+    def counter(self, like: Tensor) -> Tensor | None:
+        """The device tensor that counts applied updates, for a guard to increment itself; None on the CPU."""
+        if like.device.type == "cpu":
+            return None
+        if not isinstance(self.applied, Tensor) or self.applied.device != like.device:
+            with torch.inference_mode(False):
+                self.applied = torch.tensor(int(self.applied), dtype=torch.long, device=like.device)
+        return self.applied
+
+    def add(self, ok: Status, counted: bool = False) -> None:
+        """One attempt; ``counted``: the guard already added ``ok`` to :meth:`counter`."""
         self.attempts += 1
+        if counted:
+            return
         if isinstance(ok, bool):
             self.applied += int(ok)
             return
-        if isinstance(self.applied, int):
+        if not isinstance(self.applied, Tensor):
             with torch.inference_mode(False):
-                self.applied = torch.full((), self.applied, dtype=torch.long, device=ok.device)
+                self.applied = torch.tensor(self.applied, dtype=torch.long, device=ok.device)
         self.applied.add_(ok)
 
 
@@ -405,15 +417,15 @@ class LayerState:
                 accumulator = _inference_safe(Accumulator.empty, tensors.running_mean.numel(),
                                               tensors.running_mean.device)
                 self.accumulators[domain] = accumulator
-        targets, values = new_running_values(
-            update, tensors.running_mean, tensors.running_var, tensors.num_batches_tracked, observed,
-            momentum, accumulator,
-        )
-        ok = copy_if_finite_(targets, values, tensors.num_batches_tracked)
-        self.count(ok, tensors, observed)
+        counter = None if traced() else self.counts.counter(tensors.running_mean)
+        ok = write_running_(update, tensors.running_mean, tensors.running_var, tensors.num_batches_tracked,
+                            observed, momentum, accumulator, counter=counter)
+        self.count(ok, tensors, observed, counted=counter is not None)
         return ok
 
-    def count(self, ok: Status, tensors: LayerTensors | None = None, observed: Observed | None = None) -> None:
+    def count(
+        self, ok: Status, tensors: LayerTensors | None = None, observed: Observed | None = None, counted: bool = False
+    ) -> None:
         """Record the outcome of an attempted write; on the CPU, warn about skips.
 
         A layer warns at its first skip, with the likely cause, and then
@@ -425,7 +437,7 @@ class LayerState:
         """
         if traced():
             return
-        self.counts.add(ok)
+        self.counts.add(ok, counted)
         skipped = self.counts.skipped if ok is False else 0
         if skipped and math.log10(skipped).is_integer():
             warn_in_user_code(_skip_message(self.name, skipped, tensors, observed), RuntimeWarning)
