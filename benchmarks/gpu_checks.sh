@@ -25,7 +25,8 @@ a)
     timeout 240 python3 benchmarks/bench_model.py "${MODEL[@]}" 2>&1 | tee "$OUT/model_eager.txt"
     ;;
 b)
-    timeout 520 python3 benchmarks/bench_model.py "${MODEL[@]}" --compile --only torch,running_update 2>&1 \
+    timeout 60 python3 benchmarks/check_nccl.py 2>&1 | grep -v Warning > "$OUT/nccl.txt"; tail -4 "$OUT/nccl.txt"
+    timeout 460 python3 benchmarks/bench_model.py "${MODEL[@]}" --compile --only torch,running_update 2>&1 \
         | grep -v Warning | tee "$OUT/model_compiled.txt"
     ;;
 esac
