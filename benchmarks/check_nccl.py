@@ -30,7 +30,8 @@ def main() -> None:
     device = torch.device(args.device)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group(args.backend, rank=0, world_size=1, device_id=torch.device("cuda", 0) if device.type == "cuda" else None)
+    device_id = torch.device("cuda", 0) if device.type == "cuda" else None  # (NCCL asks for an index)
+    dist.init_process_group(args.backend, rank=0, world_size=1, device_id=device_id)
     print(f"torch {torch.__version__}, backend {dist.get_backend()}, device {device}")
     calls = {"n": 0}
     real = dist.all_reduce

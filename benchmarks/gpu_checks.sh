@@ -29,4 +29,12 @@ b)
     timeout 460 python3 benchmarks/bench_model.py "${MODEL[@]}" --compile --only torch,running_update 2>&1 \
         | grep -v Warning | tee "$OUT/model_compiled.txt"
     ;;
+c)
+    for d in cuda cpu; do
+        timeout 150 python3 benchmarks/explain_compile.py --device $d --amp 2>&1 | grep -v Warn | tee "$OUT/explain_$d.txt"
+    done
+    timeout 150 python3 -m pytest -x -q -p no:cacheprovider tests/test_compile.py -k graph_break 2>&1 | tail -30 > "$OUT/compile_tests.txt"
+    tail -30 "$OUT/compile_tests.txt"
+    timeout 150 python3 benchmarks/bench_model.py "${MODEL[@]/32/128}" --only torch,running_update,fold 2>&1 | tee "$OUT/model_eager_b128.txt"
+    ;;
 esac
