@@ -37,4 +37,11 @@ c)
     tail -30 "$OUT/compile_tests.txt"
     timeout 150 python3 benchmarks/bench_model.py "${MODEL[@]/32/128}" --only torch,running_update,fold 2>&1 | tee "$OUT/model_eager_b128.txt"
     ;;
+d)
+    timeout 100 python3 benchmarks/explain_compile.py --device cuda --amp --presets torch,running_update,frozen,renorm 2>&1 \
+        | grep -v Warn | tee "$OUT/explain_cuda.txt"
+    timeout 120 python3 benchmarks/profile_model.py --presets torch,running_update 2>&1 | grep -v Warn | tee "$OUT/profile_model.txt"
+    timeout 200 python3 benchmarks/bench_model.py "${MODEL[@]}" --compile --only torch 2>&1 \
+        | grep -v Warning | tee "$OUT/model_compiled.txt"
+    ;;
 esac

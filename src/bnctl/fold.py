@@ -117,7 +117,8 @@ def _running_tensors(norm: nn.Module) -> LayerTensors | None:
     if is_uninitialized(norm):
         return None
     state = layer_state(norm)
-    step = layer_plan(norm)[norm.training]
+    plan = layer_plan(norm)
+    step = plan.train if norm.training else plan.eval
     updates = step.update != "none" and not (state is not None and state.no_update)
     if step.normalize != "running" or updates:
         return None

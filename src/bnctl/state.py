@@ -352,7 +352,8 @@ class LayerState:
 
     def _decide(self, layer: nn.Module, x: Tensor) -> Forward:
         tensors = self.tensors(layer)
-        step = self.plan(layer)[layer.training]
+        plan = self.plan(layer)
+        step = plan.train if layer.training else plan.eval  # (a bool index breaks older dynamo graphs)
         group = self.sync_group(layer)
         if group is None:
             step = step_for_batch(step, x, layer.eps, tensors.running_mean is not None, self.name)
