@@ -317,3 +317,31 @@ def unfolded(model: nn.Module) -> nn.Module:
     for m in twin.modules():
         m.__dict__.pop("forward", None)
     return twin
+
+
+class FailsBetween(nn.Module):
+    """A conv-bn pair whose forward can raise after the conv ran (folded) and before the BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fail = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), False
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.fail:
+            raise RuntimeError("interrupted")
+        return self.bn(y)
+
+
+def test_a_forward_interrupted_between_conv_and_batchnorm_leaves_nothing_behind():
+    model = warmed(FailsBetween(), X).eval()
+    handle = bnctl.fold(model)
+    assert handle.pairs == [("conv", "bn")]
+    x = X.detach().requires_grad_()
+    model.fail = True
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model(x)
+    copied = copy.deepcopy(model)  # the conv's output (part of a graph) is not copied along
+    model.fail = copied.fail = False
+    for m in (model, copied):
+        torch.testing.assert_close(m(X), unfolded(m)(X), **EXACT)

@@ -156,7 +156,10 @@ class _Pair:
     conv: nn.Module
     norm: nn.Module
     scope: _Scope
-    folded: int | None = None  # id() of the folded conv's output, until the norm takes it
+    folded: Tensor | None = None  # the folded conv's output, until the norm takes it
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "folded": None}  # (copies and pickles carry no activation)
 
     def worth_it(self, input: Tensor) -> bool:
         """Whether folding saves work: scaling the weight (and its gradient) costs passes over the
@@ -189,11 +192,11 @@ class _Pair:
             shift = shift + t.bias
         weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype)
         out = conv._conv_forward(input, weight, shift.to(conv.weight.dtype))
-        self.folded = id(out)
+        self.folded = out  # (the tensor, not its id(): older dynamo cannot trace id() of an intermediate)
         return out
 
     def norm_forward(self, input: Tensor) -> Tensor:
-        if self.folded is not None and self.folded == id(input) and self.scope.active > 0:
+        if self.folded is not None and self.folded is input and self.scope.active > 0:
             self.folded = None
             return drop_act(self.norm, input)  # already normalized by the conv; timm's drop and act still run
         self.folded = None
