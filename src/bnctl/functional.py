@@ -610,17 +610,17 @@ def _fused_ema_args(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, observed: Observed,
     momentum: float | None, counter: Tensor | None,
 ) -> tuple[Tensor, Tensor, float | None, float] | None:
-    """``(new_mean, new_var, weight, var_factor)`` for the fused kernel, or None where it does not apply."""
+    """``(new_mean, new_var, weight, var_factor)`` for the fused kernel, or None where it does not apply.
+
+    Only the buffers are checked: the observed values are fresh contiguous tensors made on their
+    device by this forward, ``num_batches_tracked`` and ``counter`` 0-dim tensors beside them."""
+    if not kernels.usable(running_mean, running_var):
+        return None
     if isinstance(observed, BatchStats):
-        if observed.n == 0:
-            return None
-        candidates = (running_mean, running_var, num_batches_tracked, counter, observed.mean, observed.var)
-        if not kernels.usable(*candidates):
+        if observed.n == 0 or observed.mean.dtype == torch.float64:
             return None
         factor = observed.n / (observed.n - 1) if observed.n > 1 else math.nan
         return observed.mean, observed.var, float(ema_weight(momentum, num_batches_tracked)), factor
-    if not kernels.usable(running_mean, running_var, num_batches_tracked, counter, observed):
-        return None
     return observed[0], observed[1], None, 1.0
 
 
