@@ -341,6 +341,7 @@ def test_a_forward_interrupted_between_conv_and_batchnorm_leaves_nothing_behind(
     model.fail = True
     with pytest.raises(RuntimeError, match="interrupted"):
         model(x)
+    assert model.conv.forward.__self__.folded is None  # the conv's output (and its graph) is not kept
     copied = copy.deepcopy(model)  # the conv's output (part of a graph) is not copied along
     model.fail = copied.fail = False
     for m in (model, copied):

@@ -45,6 +45,17 @@ def test_guard_writes_all_or_nothing(guard):
         assert not bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
 
 
+def test_guard_checks_the_values_as_rounded_to_each_buffer():
+    """A float16 running_var beside a float32 running_mean: 600**2/2 overflows float16, so nothing is written."""
+    rm, rv, nbt = torch.zeros(2), torch.ones(2, dtype=torch.half), torch.tensor(0)
+    batch_norm(torch.tensor([[0.0, 0], [1.0, 600.0]]), rm, rv, mode=Mode("renorm", "ema"), momentum=1.0,
+               num_batches_tracked=nbt)
+    assert torch.equal(rm, torch.zeros(2)) and torch.equal(rv, torch.ones(2, dtype=torch.half)) and int(nbt) == 0
+    batch_norm(torch.tensor([[0.0, 0], [1.0, 6.0]]), rm, rv, mode=Mode("renorm", "ema"), momentum=1.0,
+               num_batches_tracked=nbt)
+    assert torch.isfinite(rv).all() and float(rv[1]) == 18.0 and int(nbt) == 1
+
+
 def test_guard_host_path_returns_bool_device_path_tensor():
     a = torch.zeros(2)
     assert _copy_if_finite_host([a], torch.ones(2), []) is True

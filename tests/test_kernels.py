@@ -7,6 +7,7 @@ Triton is not installed (CI's CPU wheel of PyTorch has none).
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -29,6 +30,13 @@ def kernel_on_this_device(monkeypatch):
     monkeypatch.setattr(kernels, "_ON_CPU", DEV == "cpu")
     yield
     assert kernels.FAILED is None  # the kernel compiled and ran (a failure falls back to the ops, warning)
+
+
+@pytest.fixture(autouse=True)
+def quiet_skips():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "BatchNorm.d: skipped a running-statistics update", RuntimeWarning)
+        yield
 
 
 # (running dtype, tolerance against the composed ops): the kernel rounds as they do, but the
@@ -156,6 +164,7 @@ def test_a_kernel_that_cannot_run_falls_back_to_the_ops_once(monkeypatch):
         raise RuntimeError("no such GPU")
 
     monkeypatch.setattr(kernels._ema_if_finite, "run", broken)
+    monkeypatch.setattr(kernels, "FAILED", None)  # (restored to None afterwards)
     rm, rv, nbt, stats = buffers(4, torch.float32)
     want = [t.clone() for t in (rm, rv, nbt)]
     composed(*want, stats, 0.1)
@@ -163,4 +172,54 @@ def test_a_kernel_that_cannot_run_falls_back_to_the_ops_once(monkeypatch):
         ok = write_running_("ema", rm, rv, nbt, stats, 0.1)
     assert bool(ok) and torch.equal(rm, want[0]) and torch.equal(rv, want[1]) and int(nbt) == 6
     assert kernels.FAILED is not None and not kernels.usable(rm)
-    monkeypatch.setattr(kernels, "FAILED", None)
+    kernels.FAILED = None  # (before the fixture checks that no other test made it fail)
+
+
+def test_arguments_the_kernel_does_not_take_go_to_the_composed_ops(monkeypatch):
+    rm, rv, nbt, stats = buffers(4, torch.float32)
+    table = torch.arange(8.0, device=DEV).reshape(4, 2)  # .t() is a (2, 4) view that is not contiguous
+    want = [t.clone() for t in (rm, rv, nbt)]
+    composed(*want, table.t(), 0.1)
+    write_running_("ema", rm, rv, nbt, table.t(), 0.1)
+    assert torch.equal(rm, want[0]) and torch.equal(rv, want[1]) and int(nbt) == 6
+    before = [t.clone() for t in (rm, rv, nbt)]
+    short = BatchStats(torch.ones(2, device=DEV), torch.ones(2, device=DEV), 10)
+    with pytest.raises(RuntimeError):  # as the composed ops raise: nothing read or written out of bounds
+        write_running_("ema", rm, rv, nbt, short, 0.1)
+    storage = torch.arange(10.0, device=DEV) + 100
+    with pytest.raises(RuntimeError):
+        write_running_("ema", rm, storage[:1], nbt, stats, 0.1)
+    assert torch.equal(storage, torch.arange(10.0, device=DEV) + 100)
+    for a, b in zip((rm, rv, nbt), before):
+        assert torch.equal(a, b)
+    half_var = rv.half()
+    assert not kernels.applies(rm, half_var, stats.mean, stats.var)  # buffers of two dtypes
+    assert not kernels.applies(rm, rv, stats.mean, stats.var, (torch.tensor(1.0, device=DEV),))
+    monkeypatch.setattr(kernels, "MAX_CHANNELS", 3)
+    assert not kernels.applies(rm, rv, stats.mean, stats.var)
+
+
+def test_fake_tensors_never_reach_the_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        t = torch.zeros(4, device=DEV)
+    assert not kernels.usable(t)
+
+
+def test_half_statistics_round_as_the_composed_ops(monkeypatch):
+    """A blend under autocast observes float16 statistics: the unbiased variance is rounded to float16
+    first, as the composed ops do (here it overflows: both skip)."""
+    policy = bnctl.Policy(0.5, "ema", "running", "none")
+    fused = nn.BatchNorm1d(4).to(DEV)
+    plain = copy.deepcopy(fused)
+    bnctl.apply(fused, policy), bnctl.apply(plain, policy)
+    for x in (torch.tensor([[0.0, 0, 0, 0], [400.0, 1, 1, 1]]), torch.randn(6, 4) * 3):
+        x = x.to(DEV).half()
+        fused(x)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "ENABLED", False)
+            plain(x)
+        for a, b in zip(fused.state_dict().values(), plain.state_dict().values()):
+            torch.testing.assert_close(a, b)
+    assert fused.skipped_updates == plain.skipped_updates == 1 and int(fused.num_batches_tracked) == 1

@@ -137,12 +137,16 @@ class _Scope:
 
     def __init__(self) -> None:
         self.active = 0
+        self.pairs: list[_Pair] = []
 
     def enter(self, module: nn.Module, args: Any) -> None:
         self.active += 1
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
         self.active -= 1
+        if not self.active:  # (also after an exception: the hook is always called) hold no activation
+            for pair in self.pairs:
+                pair.folded = None
 
 
 @dataclass
@@ -296,6 +300,7 @@ def fold(model: nn.Module) -> FoldHandle:
             owner.register_forward_hook(scope.leave, always_call=True)
             handle._modules.append(owner)
         pair = _Pair(modules[conv_name], modules[norm_name], scope)
+        scope.pairs.append(pair)
         pair.conv.forward = pair.conv_forward
         pair.norm.forward = pair.norm_forward
         handle._modules += [pair.conv, pair.norm]

@@ -610,18 +610,23 @@ def _fused_ema_args(
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, observed: Observed,
     momentum: float | None, counter: Tensor | None,
 ) -> tuple[Tensor, Tensor, float | None, float] | None:
-    """``(new_mean, new_var, weight, var_factor)`` for the fused kernel, or None where it does not apply.
-
-    Only the buffers are checked: the observed values are fresh contiguous tensors made on their
-    device by this forward, ``num_batches_tracked`` and ``counter`` 0-dim tensors beside them."""
-    if not kernels.usable(running_mean, running_var):
+    """``(new_mean, new_var, weight, var_factor)`` for the fused kernel, or None where it does not apply."""
+    if not kernels.usable(running_mean):  # (the cheap test first: False on the CPU)
         return None
     if isinstance(observed, BatchStats):
-        if observed.n == 0 or observed.mean.dtype == torch.float64:
+        if observed.n == 0:
             return None
+        new_mean, new_var = observed.mean, observed.var
+    elif observed.dim() == 2 and len(observed) == 2:
+        new_mean, new_var = observed[0], observed[1]
+    else:
+        return None
+    if not kernels.applies(running_mean, running_var, new_mean, new_var, (num_batches_tracked, counter)):
+        return None
+    if isinstance(observed, BatchStats):
         factor = observed.n / (observed.n - 1) if observed.n > 1 else math.nan
-        return observed.mean, observed.var, float(ema_weight(momentum, num_batches_tracked)), factor
-    return observed[0], observed[1], None, 1.0
+        return new_mean, new_var, float(ema_weight(momentum, num_batches_tracked)), factor
+    return new_mean, new_var, None, 1.0
 
 
 def copy_if_finite_(
@@ -632,8 +637,8 @@ def copy_if_finite_(
     ``values`` is the flat concatenation of the new values, in the order of
     ``targets``; ``num_batches_tracked`` (if given) is incremented when they
     are written, and so is ``counter`` (a 0-dim int64 tensor, if given). One
-    float64 sum over all of them decides (so values large
-    enough to overflow float64 count as non-finite too). On the CPU the
+    float64 sum over all of them, as rounded to their targets' dtypes, decides
+    (so values large enough to overflow float64 count as non-finite too). On the CPU the
     check branches in Python (free there); on other devices, and wherever
     the code is :func:`traced` (compiled, exported, ``jit.trace``, ``vmap``),
     it is a masked copy, so no forward waits for the device and no graph
@@ -648,6 +653,10 @@ def copy_if_finite_(
     values = values.detach()  # (jit.trace does not record no_grad; it records detach)
     counters = [c for c in (num_batches_tracked, counter) if c is not None]
     with torch.no_grad():
+        if any(t.dtype != values.dtype for t in targets):  # check what is written: a narrower buffer
+            chunks = values.split([t.numel() for t in targets])  # can round a finite value to inf
+            values = torch.cat([c.to(t.dtype).to(values.dtype) if t.is_floating_point() else c
+                                for c, t in zip(chunks, targets)])
         if traced():
             return _copy_if_finite_device(targets, values, counters, data=False)
         if targets[0].device.type == "cpu":

@@ -27,23 +27,41 @@ from torch import Tensor
 try:  # an optional accelerator: PyTorch's CUDA wheels bring Triton, CPU wheels do not
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
+except Exception:  # pragma: no cover - not installed, or an installation that does not import
     triton = None
 
-__all__ = ["ema_if_finite_", "usable"]
+__all__ = ["applies", "ema_if_finite_", "usable"]
 
 ENABLED = os.environ.get("BNCTL_TRITON", "1") != "0"
 FAILED: str | None = None  # why the kernel could not run here (it is then not tried again)
 _ON_CPU = False  # tests set it, with TRITON_INTERPRET=1, to run the kernel on CPU tensors
+MAX_CHANNELS = 1 << 16  # one program loops over the channels: wider layers take the composed ops
 
 
 def usable(*tensors: Tensor | None) -> bool:
     """Whether :func:`ema_if_finite_` can run on these tensors (``None`` entries are ignored):
-    contiguous CUDA tensors, none of them float64 (Triton passes the scalars in float32)."""
+    plain contiguous CUDA tensors (no subclass: a fake or wrapped tensor has no memory to launch on),
+    none of them float64 (Triton passes the scalars in float32)."""
     if triton is None or not ENABLED or FAILED is not None:
         return False
-    return all(t is None or ((t.is_cuda or _ON_CPU) and t.is_contiguous() and t.dtype != torch.float64)
-               for t in tensors)
+    return all(t is None or (type(t) is Tensor and (t.is_cuda or _ON_CPU) and t.is_contiguous()
+                             and t.dtype != torch.float64) for t in tensors)
+
+
+def applies(running_mean: Tensor, running_var: Tensor, new_mean: Tensor, new_var: Tensor,
+            counters: tuple[Tensor | None, ...] = ()) -> bool:
+    """Whether :func:`ema_if_finite_` takes exactly these arguments: :func:`usable` tensors on one
+    device, buffers of one dtype, values of their size (at most :data:`MAX_CHANNELS`), one-element
+    int64 counters. Anything else is left to the composed ops (which raise where they should)."""
+    present = [c for c in counters if c is not None]
+    if not usable(running_mean, running_var, new_mean, new_var, *present):
+        return False
+    channels, device = running_mean.numel(), running_mean.device
+    if channels > MAX_CHANNELS or running_var.dtype != running_mean.dtype:
+        return False
+    if any(t.numel() != channels or t.device != device for t in (running_var, new_mean, new_var)):
+        return False
+    return all(c.numel() == 1 and c.dtype == torch.int64 and c.device == device for c in present)
 
 
 def ema_if_finite_(
@@ -104,18 +122,19 @@ if triton is not None:
 
     @triton.jit
     def _new_values(rm_ptr, rv_ptr, m_ptr, v_ptr, offs, mask, weight, var_factor, IS_EMA: tl.constexpr):
+        # the new values in the buffers' dtype (the guard checks what is written, after rounding)
+        out_type = rm_ptr.dtype.element_ty
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         if IS_EMA:
-            # as functional.ema computes it: the batch's values rounded to the buffers' dtype, then
-            # PyTorch's lerp in float32 (the kernel never sees float64: usable() leaves it to the ops)
-            out_type = rm_ptr.dtype.element_ty
-            unbiased = (v.to(tl.float32) * var_factor).to(out_type)
+            # as functional.ema computes it: the unbiased variance in the statistics' dtype, both
+            # rounded to the buffers' dtype, then PyTorch's lerp in float32 (never float64 here)
+            unbiased = (v.to(tl.float32) * var_factor).to(v_ptr.dtype.element_ty)
             rm = tl.load(rm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             rv = tl.load(rv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            m = _lerp(rm, m.to(out_type).to(tl.float32), weight).to(out_type)
-            v = _lerp(rv, unbiased.to(tl.float32), weight).to(out_type)
-        return m, v
+            m = _lerp(rm, m.to(out_type).to(tl.float32), weight)
+            v = _lerp(rv, unbiased.to(out_type).to(tl.float32), weight)
+        return m.to(out_type), v.to(out_type)
 
     @triton.jit
     def _ema_if_finite(

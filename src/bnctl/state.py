@@ -169,9 +169,9 @@ class UpdateCounts:
         if isinstance(ok, bool):
             self.applied += int(ok)
             return
-        if not isinstance(self.applied, Tensor):
+        if not isinstance(self.applied, Tensor) or self.applied.device != ok.device:  # (the layer moved)
             with torch.inference_mode(False):
-                self.applied = torch.tensor(self.applied, dtype=torch.long, device=ok.device)
+                self.applied = torch.tensor(int(self.applied), dtype=torch.long, device=ok.device)
         self.applied.add_(ok)
 
 
