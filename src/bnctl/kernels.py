@@ -4,16 +4,19 @@ A running update is small arithmetic on ``2 * C`` values, but composed from
 PyTorch ops it costs a handful of tiny kernel launches (the EMA, a float64
 sum for the guard, a masked copy, the counter increments): on a GPU, where
 a BatchNorm layer's own kernel takes microseconds, those launches were most
-of bnctl's overhead. :func:`ema_if_finite_` does it in one launch and one
-pass over the channels: the new values (an EMA of batch statistics, or
-values PyTorch's kernel already computed), the all-or-nothing guard, the
-writes and the counters, without waiting for the device.
+of bnctl's overhead. :func:`ema_if_finite_` does it in one launch (one
+program: a pass over the channels decides, a second writes): the new values
+(an EMA of batch statistics, or values PyTorch's kernel already computed),
+the all-or-nothing guard, the writes and the counters, without waiting for
+the device.
 
-It runs where Triton is importable and every tensor is a contiguous CUDA
-tensor, outside traced code (the compilers fuse the composed ops
-themselves); elsewhere :mod:`bnctl.functional` composes the same update
-from PyTorch ops. That composed path is the reference the tests compare
-this kernel with. ``BNCTL_TRITON=0`` in the environment turns the kernel off.
+It runs where Triton is importable and :func:`applies` accepts the
+arguments (plain contiguous CUDA tensors on one device, buffers of one
+dtype other than float64, at most :data:`MAX_CHANNELS` channels), outside
+traced code (the compilers fuse the composed ops themselves); elsewhere
+:mod:`bnctl.functional` composes the same update from PyTorch ops. That
+composed path is the reference the tests compare this kernel with.
+``BNCTL_TRITON=0`` in the environment turns the kernel off.
 """
 
 from __future__ import annotations
