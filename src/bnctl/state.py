@@ -154,12 +154,7 @@ class UpdateCounts:
 
     def counter(self, like: Tensor) -> Tensor | None:
         """The device tensor that counts applied updates, for a guard to increment itself; None on the CPU."""
-        if like.device.type == "cpu":
-            return None
-        if not isinstance(self.applied, Tensor) or self.applied.device != like.device:
-            with torch.inference_mode(False):
-                self.applied = torch.tensor(int(self.applied), dtype=torch.long, device=like.device)
-        return self.applied
+        return None if like.device.type == "cpu" else self._applied_on(like.device)
 
     def add(self, ok: Status, counted: bool = False) -> None:
         """One attempt; ``counted``: the guard already added ``ok`` to :meth:`counter`."""
@@ -169,10 +164,13 @@ class UpdateCounts:
         if isinstance(ok, bool):
             self.applied += int(ok)
             return
-        if not isinstance(self.applied, Tensor) or self.applied.device != ok.device:  # (the layer moved)
+        self._applied_on(ok.device).add_(ok)
+
+    def _applied_on(self, device: torch.device) -> Tensor:
+        if not isinstance(self.applied, Tensor) or self.applied.device != device:  # first use, or the layer moved
             with torch.inference_mode(False):
-                self.applied = torch.tensor(int(self.applied), dtype=torch.long, device=ok.device)
-        self.applied.add_(ok)
+                self.applied = torch.tensor(int(self.applied), dtype=torch.long, device=device)
+        return self.applied
 
 
 @dataclass
