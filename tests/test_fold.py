@@ -346,3 +346,28 @@ def test_a_forward_interrupted_between_conv_and_batchnorm_leaves_nothing_behind(
     model.fail = copied.fail = False
     for m in (model, copied):
         torch.testing.assert_close(m(X), unfolded(m)(X), **EXACT)
+
+
+@pytest.mark.parametrize("preset", [None, "frozen", "frozen_stats", "torch"])
+def test_eps_zero_is_decided_alike_folded_and_unfolded(preset):
+    """One decision for both: a layer that normalizes with running statistics takes eps=0, as PyTorch's
+    eval() does (and folds, to the same numbers); one that normalizes with batch statistics raises the
+    same error, folded or not: PyTorch's for plain torch layers (``None``), else bnctl's, naming the layer."""
+    ref = warmed(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), X)
+    ref[1].eps = 0.0
+    if preset is not None:
+        bnctl.apply(ref, preset)
+    model = copy.deepcopy(ref)
+    handle = bnctl.fold(model)
+    assert handle.pairs == [("0", "1")]
+    for training in (False, True):
+        if training and preset in (None, "torch"):
+            errors = []
+            for m in (ref, model):
+                with pytest.raises(ValueError, match="eps") as info:
+                    m.train()(X)
+                errors.append(str(info.value))
+            assert errors[0] == errors[1]
+            assert preset is None or errors[0].startswith("1: expected eps > 0")
+        else:
+            assert_same(run(model, X, training), run(ref, X, training), **EXACT)

@@ -6,29 +6,27 @@ import math
 import pytest
 import torch
 
-from bnctl import Mode
-from bnctl.functional import (
-    Accumulator,
-    BatchAverage,
-    BatchStats,
-    _copy_if_finite_device,
-    _copy_if_finite_host,
-    batch_norm,
-    batch_stats,
-    ema,
-    new_running_values,
-    normalize,
-    normalize_and_observe,
-    step_for_batch,
-)
-from bnctl.policy import Step
+from bnctl import Mode, context
+from bnctl.functional import batch_norm, normalize
+from bnctl.guard import copy_if_finite_, keep_if_finite_
+from bnctl.policy import BATCH, BLEND, EMA, NO_UPDATE, RENORM, RUNNING, check_eps, for_batch
+from bnctl.stats import Accumulator, BatchAverage, BatchStats, batch_stats, ema, new_running_values
 from conftest import MODES, RENORM_LIMITS, TOL, make_inputs, ours, reference_bn
 
 SHAPES = [(2, 3), (2, 3, 1, 1), (2, 3, 1), (3, 2, 2, 3), (2, 2, 1, 2, 2)]
 
-# -- the guard: both paths, chosen by device in copy_if_finite_ --------------------------
+# -- the guard: both paths, chosen by where it runs (bnctl.context) -------------------------
 
-GUARDS = [_copy_if_finite_host, _copy_if_finite_device]
+
+def _host(targets, values, counters):
+    return copy_if_finite_(targets, values, *counters[:1] or [None], ctx=context.EAGER)
+
+
+def _masked(targets, values, counters):  # what compiled, exported and vmapped code (and CUDA) run
+    return copy_if_finite_(targets, values, *counters[:1] or [None], ctx=context.COMPILING)
+
+
+GUARDS = [_host, _masked]
 
 
 @pytest.mark.parametrize("guard", GUARDS, ids=["host", "device"])
@@ -40,9 +38,30 @@ def test_guard_writes_all_or_nothing(guard):
     assert torch.equal(a, torch.zeros(3)) and torch.equal(b, torch.ones(3)) and int(nbt) == 4
     ok = guard([a, b], torch.tensor([2.0] * 3 + [3.0] * 3), [nbt])
     assert bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
-    for bad in (float("inf"), -float("inf"), 1e308):  # an overflowing float64 sum counts too
+    for bad in (float("inf"), -float("inf"), float("nan")):
         ok = guard([a, b], torch.tensor([bad] * 6, dtype=torch.float64), [nbt])
         assert not bool(ok) and torch.equal(a, torch.full((3,), 2.0)) and int(nbt) == 5
+
+
+@pytest.mark.parametrize("guard", GUARDS, ids=["host", "masked"])
+def test_guard_is_exact_where_a_fast_sum_overflows(guard):
+    """Finite values whose sum overflows are finite: the host path's one-sum check falls back to an
+    exact check rather than skipping a legitimate update."""
+    a = torch.zeros(4, dtype=torch.float64)
+    big = torch.tensor([1e308, 1e308, -1e308, 1e308], dtype=torch.float64)
+    assert math.isinf(big.sum())
+    assert bool(guard([a], big, []))
+    assert torch.equal(a, big)
+
+
+def test_keep_if_finite_restores_the_buffers_from_the_backup():
+    rm, rv, nbt = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor(7)
+    backup = torch.stack([rm, rv]).clone()
+    rm.fill_(5.0), rv.fill_(1e38)  # a kernel wrote finite values whose dot product overflows
+    assert keep_if_finite_(rm, rv, nbt, backup) is True and int(nbt) == 8
+    rv[1] = float("nan")
+    assert keep_if_finite_(rm, rv, nbt, backup) is False and int(nbt) == 8
+    assert torch.equal(torch.stack([rm, rv]), backup)
 
 
 def test_guard_checks_the_values_as_rounded_to_each_buffer():
@@ -56,10 +75,10 @@ def test_guard_checks_the_values_as_rounded_to_each_buffer():
     assert torch.isfinite(rv).all() and float(rv[1]) == 18.0 and int(nbt) == 1
 
 
-def test_guard_host_path_returns_bool_device_path_tensor():
+def test_guard_host_path_returns_bool_masked_path_tensor():
     a = torch.zeros(2)
-    assert _copy_if_finite_host([a], torch.ones(2), []) is True
-    flag = _copy_if_finite_device([a], torch.ones(2), [])
+    assert _host([a], torch.ones(2), []) is True
+    flag = _masked([a], torch.ones(2), [])
     assert isinstance(flag, torch.Tensor) and flag.dtype == torch.bool and flag.dim() == 0
 
 
@@ -82,7 +101,7 @@ def test_ema_of_one_value_is_undefined_not_an_error():
 
 
 def _write(targets, values, nbt):
-    return _copy_if_finite_host(targets, values, [nbt])
+    return copy_if_finite_(targets, values, nbt)
 
 
 def test_cumulative_update_is_exact_and_split_invariant():
@@ -92,7 +111,7 @@ def test_cumulative_update_is_exact_and_split_invariant():
         rm, rv, nbt = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.tensor(0)
         acc = Accumulator.empty(3)
         for chunk in torch.split(data, splits):
-            _write(*new_running_values("cumulative", rm, rv, nbt, batch_stats(chunk), None, acc), nbt)
+            _write(*new_running_values(True, rm, rv, nbt, batch_stats(chunk), None, acc), nbt)
         assert int(nbt) == len(splits) and int(acc.batches) == len(splits)
         results.append((rm, rv))
     want_mean = data.mean((0, 2))
@@ -106,10 +125,10 @@ def test_cumulative_skips_non_finite_batch_and_keeps_accumulator():
     rm, rv, nbt = torch.zeros(2), torch.ones(2), torch.tensor(0)
     acc = Accumulator.empty(2)
     good = torch.randn(8, 2)
-    _write(*new_running_values("cumulative", rm, rv, nbt, batch_stats(good), None, acc), nbt)
+    _write(*new_running_values(True, rm, rv, nbt, batch_stats(good), None, acc), nbt)
     bad = torch.randn(8, 2)
     bad[0, 0] = float("nan")
-    assert not _write(*new_running_values("cumulative", rm, rv, nbt, batch_stats(bad), None, acc), nbt)
+    assert not _write(*new_running_values(True, rm, rv, nbt, batch_stats(bad), None, acc), nbt)
     assert int(nbt) == 1 and float(acc.count) == 8
     torch.testing.assert_close(rm, good.mean(0))
 
@@ -118,7 +137,7 @@ def test_batch_average_is_the_mean_of_per_batch_statistics():
     batches = [torch.randn(8, 3, dtype=torch.float64) + i for i in range(4)]
     avg = BatchAverage.empty(3)
     for b in batches:
-        _copy_if_finite_host(avg.tensors, torch.cat(avg.merged(batch_stats(b))), [])
+        copy_if_finite_(avg.tensors, torch.cat(avg.merged(batch_stats(b))), None)
     mean, var = avg.population()
     torch.testing.assert_close(mean, torch.stack([b.mean(0) for b in batches]).mean(0))
     torch.testing.assert_close(var, torch.stack([b.var(0) for b in batches]).mean(0))
@@ -129,7 +148,7 @@ def test_accumulator_as_one_batch():
     x = torch.randn(20, 3, dtype=torch.float64)
     acc = Accumulator.empty(3)
     for chunk in x.split([6, 14]):
-        _copy_if_finite_host(acc.tensors, torch.cat(acc.merged(batch_stats(chunk))), [])
+        copy_if_finite_(acc.tensors, torch.cat(acc.merged(batch_stats(chunk))), None)
     pooled = acc.as_batch()
     assert pooled.n == 20
     torch.testing.assert_close(pooled.var, x.var(0, unbiased=False))
@@ -138,15 +157,22 @@ def test_accumulator_as_one_batch():
 # -- which statistics normalize, and their gradients ------------------------------------------
 
 
-def test_step_for_batch_rules():
-    step = Step("batch", "ema", 0.1, False)
-    assert step_for_batch(step, torch.randn(0, 3), 1e-5, True, "bn").update == "none"
-    with pytest.raises(ValueError, match=r"^bn: expected more than 1 value per channel"):
-        step_for_batch(step, torch.randn(1, 3), 1e-5, True, "bn")
-    assert step_for_batch(step._replace(fallback=True), torch.randn(1, 3), 1e-5, True, "bn")[:2] == ("running", "none")
-    for bad in (step, Step("running", "none")):
+def test_batch_rules():
+    rules = dict(fallback=False, has_running_stats=True, name="bn", got="1")
+    assert for_batch(BATCH, EMA, 0, **rules) == (BATCH, NO_UPDATE)
+    assert for_batch(RUNNING, EMA, 0, **rules) == (RUNNING, NO_UPDATE)
+    assert for_batch(BATCH, EMA, 2, **rules) == (BATCH, EMA)
+    assert for_batch(RUNNING, EMA, 1, **rules) == (RUNNING, EMA)  # attempted; the guard skips it
+    for how in (BATCH, RENORM, BLEND):
+        with pytest.raises(ValueError, match=r"^bn: expected more than 1 value per channel.*got 1\. Fixes"):
+            for_batch(how, EMA, 1, **rules)
+    assert for_batch(BATCH, EMA, 1, **{**rules, "fallback": True}) == (RUNNING, NO_UPDATE)
+    with pytest.raises(ValueError, match="more than 1 value"):  # nothing to fall back to
+        for_batch(BATCH, EMA, 1, **{**rules, "fallback": True, "has_running_stats": False})
+    for eps in (0.0, -1e-5, float("nan")):
         with pytest.raises(ValueError, match=r"^bn: expected eps > 0"):
-            step_for_batch(bad, torch.randn(4, 3), 0.0, True, "bn")
+            check_eps(eps, "bn")
+    check_eps(1e-5, "bn")
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
@@ -225,12 +251,11 @@ def test_running_forward_equals_torch_eval_bitwise():
     assert torch.equal(y, torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5))
 
 
-@pytest.mark.parametrize("guard", GUARDS, ids=["host", "device"])
-def test_writes_never_invalidate_a_graph_that_saved_the_buffers(guard):
-    """As PyTorch's kernel: no version bump, so an earlier graph's backward still runs."""
+def test_writes_never_invalidate_a_graph_that_saved_the_buffers():
+    """As PyTorch's kernel: eager writes bump no version, so an earlier graph's backward still runs."""
     x, rm, rv, w, b = make_inputs((4, 3, 2, 2))
-    y = normalize(x, "running", rm, rv, w, b, 1e-5)  # saves the buffers, as torch's eval mode does
-    guard([rm, rv], torch.cat([rm + 1, rv * 2]), [])
+    y, _ = normalize(x, RUNNING, rm, rv, w, b, 1e-5)  # saves the buffers, as torch's eval mode does
+    copy_if_finite_([rm, rv], torch.cat([rm + 1, rv * 2]), None)
     y.backward(torch.randn_like(y))
 
 
@@ -238,24 +263,32 @@ def test_a_forward_that_updates_next_gives_autograd_copies():
     """SPEC 3: normalizing with the statistics and updating them in one forward: backward uses
     the values from before the update."""
     x, rm, rv, w, b = make_inputs((4, 3, 2, 2))
-    for how in ("running", "renorm", 0.4):
+    for how, alpha in ((RUNNING, 1.0), (RENORM, 1.0), (BLEND, 0.4)):
         before = (rm.clone(), rv.clone())
-        y, _ = normalize_and_observe(x, how, rm, rv, w, b, 1e-5, limits=RENORM_LIMITS)
+        y, _ = normalize(x, how, rm, rv, w, b, 1e-5, alpha=alpha, limits=RENORM_LIMITS, observe=True)
         g = torch.randn_like(y)
         got = torch.autograd.grad(y, (x, w), g)
         rm.add_(1.0), rv.mul_(2.0)  # even an in-place update that bumps the version
-        y2, _ = normalize_and_observe(x, how, *before, w, b, 1e-5, limits=RENORM_LIMITS)
+        y2, _ = normalize(x, how, *before, w, b, 1e-5, alpha=alpha, limits=RENORM_LIMITS, observe=True)
         for a, e in zip(got, torch.autograd.grad(y2, (x, w), g)):
             torch.testing.assert_close(a, e)
 
 
-def test_observe_batch_with_ema_weight_is_torchs_kernel():
+@pytest.mark.parametrize("how", [BATCH, RUNNING])
+def test_an_update_staged_in_the_kernel_is_torchs_arithmetic(how):
+    """``into=``: the kernel that passes over x computes the EMA into the given copy, with the
+    arithmetic of torch's training kernel; the running statistics passed in are only read."""
     x = torch.randn(8, 3, 4, 4)
     rm, rv = torch.randn(3), torch.rand(3) + 0.5
     ref_rm, ref_rv = rm.clone(), rv.clone()
     want = torch.nn.functional.batch_norm(x, ref_rm, ref_rv, None, None, True, 0.3, 1e-5)
-    y, new = normalize_and_observe(x, "batch", rm, rv, None, None, 1e-5, ema_weight=0.3)
-    assert torch.equal(y, want) and torch.equal(new, torch.stack([ref_rm, ref_rv]))
+    staged = torch.stack([rm, rv])
+    y, observed = normalize(x, how, rm, rv, None, None, 1e-5, into=staged.unbind(), momentum=0.3)
+    assert observed is None and torch.equal(staged, torch.stack([ref_rm, ref_rv]))
+    if how == BATCH:
+        assert torch.equal(y, want)
+    else:
+        assert torch.equal(y, torch.nn.functional.batch_norm(x, rm, rv, None, None, False, 0.0, 1e-5))
     assert not torch.equal(rm, ref_rm)  # the inputs were only read
 
 

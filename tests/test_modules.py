@@ -459,14 +459,22 @@ def test_a_forward_under_inference_mode_leaves_no_inference_tensors_behind():
     assert int(bn.num_batches_tracked) == 2
 
 
-def test_eps_zero_names_the_layer():
+def test_eps_zero_names_the_layer_where_pytorch_refuses_it():
+    """PyTorch refuses eps <= 0 in training and accepts it in eval(): so does every policy, by the
+    statistics it normalizes with, and the error names the layer."""
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, eps=0.0)).train()
+    native = copy.deepcopy(model)
+    x = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        native(x)
+    for preset in ("torch", "renorm", "batch_no_update", bnctl.Policy(0.5, "none", "running", "none")):
+        bnctl.apply(model, preset)
+        with pytest.raises(ValueError, match=r"^1: expected eps > 0 to normalize with batch statistics"):
+            model(x)
     bnctl.apply(model, "torch")
-    with pytest.raises(ValueError, match=r"^1: expected eps > 0"):
-        model(torch.randn(4, 4))
+    assert torch.equal(model.eval()(x), native.eval()(x))
     bnctl.apply(model, "frozen")
-    with pytest.raises(ValueError, match=r"^1: expected eps > 0"):
-        model(torch.randn(4, 4))  # recent PyTorch refuses eps=0 in eval() too; bnctl names the layer
+    assert torch.equal(model.train()(x), native(x))
 
 
 def test_repr_shows_the_momentum_the_layer_uses_and_the_modified_policy():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bnctl
-from bnctl.functional import Accumulator, BatchStats
+from bnctl.policy import BATCH, EMA, NO_UPDATE, RUNNING
 from bnctl.state import (
     DEFAULT,
     LayerTensors,
@@ -18,6 +18,7 @@ from bnctl.state import (
     domains,
     never_updated,
 )
+from bnctl.stats import Accumulator, BatchStats
 
 
 def controlled(policy="torch", **kwargs):
@@ -28,18 +29,51 @@ def controlled(policy="torch", **kwargs):
     return bn, bn._bnctl
 
 
-def test_plan_is_resolved_again_only_when_an_input_to_it_changes():
+def test_program_is_settled_again_only_when_an_input_to_it_changes():
     bn, state = controlled()
-    plan = state.plan(bn)
-    assert state.plan(bn) is plan and plan.train.momentum == 0.1
+    bn.train()
+    forward = state.decide(bn, None)
+    program = state._program
+    assert state.decide(bn, None) is forward and state._program is program  # one decision, kept
+    assert (forward.normalize, forward.update, forward.step.momentum) == (BATCH, EMA, 0.1)
     bn.momentum = 0.3
-    assert state.plan(bn).train.momentum == 0.3
+    assert state.decide(bn, None).step.momentum == 0.3 and state._program is not program
     bn.track_running_stats = False
-    assert state.plan(bn).train.update == "none"
+    assert state.decide(bn, None).update == NO_UPDATE
     bn.track_running_stats = True
     with bnctl.using(bn, "frozen"):
-        assert state.plan(bn).train.normalize == "running"
-    assert state.plan(bn).train.normalize == "batch"
+        assert state.decide(bn, None).normalize == RUNNING
+    assert state.decide(bn, None).normalize == BATCH
+    with bnctl.no_update(bn):
+        assert state.decide(bn, None).update == NO_UPDATE
+    bnctl.add_domains(bn, ["tgt"])
+    with bnctl.domain(bn, "tgt"):
+        assert state.decide(bn, None).keys[:3] == ("running_mean__tgt", "running_var__tgt",
+                                                   "num_batches_tracked__tgt")
+    assert state.decide(bn, None).keys[0] == "running_mean"
+    assert (state.decide(bn.eval(), None).normalize, state.decide(bn, None).update) == (RUNNING, NO_UPDATE)
+    bn.eps = 0.0  # checked at every forward, not settled (where batch statistics normalize, as PyTorch)
+    x = torch.randn(4, 3, 2, 2)
+    state.decide(bn, x)
+    assert state.decide(bn.train(), None).normalize == BATCH  # (before the batch rules: no check)
+    with pytest.raises(ValueError, match="expected eps > 0"):
+        state.decide(bn, x)
+
+
+def test_a_stale_program_is_never_used():
+    """Every input to the decision that a user can change without bnctl seeing it, changed between two
+    forwards of one layer: each forward matches a fresh layer that had it all along."""
+    x = torch.randn(4, 3, 2, 2)
+    bn = bnctl.BatchNorm2d(3, policy="torch").train()
+    bn(x)
+    for change in (lambda m: setattr(m, "momentum", 0.5), lambda m: setattr(m, "momentum", None),
+                   lambda m: setattr(m, "track_running_stats", False), lambda m: m.eval()):
+        fresh = bnctl.BatchNorm2d(3, policy="torch").train()
+        fresh.load_state_dict(bn.state_dict())
+        change(bn), change(fresh)
+        fresh._bnctl._program = None
+        assert torch.equal(bn(x), fresh(x))
+        assert all(torch.equal(a, b) for a, b in zip(bn.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_policy_stack_is_last_in_first_out():
@@ -64,26 +98,26 @@ def test_tensors_of_a_domain():
     assert a.weight is bn.weight and b.weight is bn.weight__b  # a shares the default affine
 
 
-def test_begin_under_no_update_and_pools():
+def test_decide_under_no_update_and_pools():
     bn, state = controlled()
     bn.train()
     x = torch.randn(4, 3, 2, 2)
-    forward = state.begin(bn, x)
-    assert forward.step.update == "ema" and forward.ema_weight == 0.1  # the native kernel's EMA
+    forward = state.decide(bn, x)
+    assert forward.update == EMA and forward.staged  # the kernel computes the EMA
     state.no_update += 1
-    assert state.begin(bn, x).step.update == "none"
+    assert state.decide(bn, x).update == NO_UPDATE
     state.no_update -= 1
     state.pools = Pools()
-    forward = state.begin(bn, x)
-    assert forward.step.update == "ema" and forward.ema_weight is None  # statistics, for the pool
+    forward = state.decide(bn, x)
+    assert forward.update == EMA and forward.pool and not forward.staged  # statistics, for the pool
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        state.begin(bn, torch.randn(1, 3, 1, 1))
+        state.decide(bn, torch.randn(1, 3, 1, 1))
 
 
 def test_commit_into_pools_is_guarded_and_per_domain():
     bn, state = controlled()
     state.pools = Pools()
-    forward = state.begin(bn.train(), torch.randn(4, 3, 2, 2))
+    forward = state.decide(bn.train(), torch.randn(4, 3, 2, 2))
     stats = BatchStats(torch.ones(3), torch.full((3,), 2.0), 8)
     state.commit(bn, forward, stats)
     state.commit(bn, forward._replace(domain="other"), stats)
@@ -98,12 +132,12 @@ def test_write_counts_and_the_cumulative_accumulator_is_per_domain():
     bn, state = controlled()
     t = state.tensors(bn)
     stats = BatchStats(torch.full((3,), 2.0), torch.ones(3), 4)
-    assert state.write(DEFAULT, t, "cumulative", None, stats) is True
+    assert state.write(DEFAULT, t, True, None, stats) is True
     assert torch.equal(bn.running_mean, torch.full((3,), 2.0)) and int(bn.num_batches_tracked) == 6
     assert set(state.accumulators) == {DEFAULT}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert state.write(DEFAULT, t, "ema", 0.1, stats._replace(n=1)) is False  # no unbiased variance
+        assert state.write(DEFAULT, t, False, 0.1, stats._replace(n=1)) is False  # no unbiased variance
     assert state.counts.attempts == 2 and state.counts.skipped == 1
 
 
@@ -111,18 +145,21 @@ def test_tape_records_the_statistics_a_forward_normalized_with():
     bn, state = controlled("running_update")
     bn.train()
     tape = Tape()
-    state.tapes.append(tape)
-    before = bn.running_mean.clone()
+    state.join_tape(tape)
+    before = bn.running_mean.clone(), bn.running_var.clone()
     bn(torch.randn(4, 3, 2, 2))
-    state.tapes.remove(tape)
-    assert not torch.equal(bn.running_mean, before)  # the forward updated the buffers...
+    state.leave_tape(tape)
+    assert not torch.equal(bn.running_mean, before[0])  # the forward updated the buffers...
+    after = bn.running_mean.clone(), bn.running_var.clone()
     state.replay = tape
     for _ in range(2):  # a recomputation may run twice (retain_graph=True): each starts again
         tape.rewind()
-        replayed = state.begin(bn, torch.randn(4, 3, 2, 2))
-        assert torch.equal(replayed.tensors.running_mean, before)  # ...the replay sees them as they were
+        x = torch.randn(4, 3, 2, 2)
+        want = torch.nn.functional.batch_norm(x, before[0], before[1], bn.weight, bn.bias, False, 0.0, bn.eps)
+        assert torch.equal(bn(x), want)  # ...the replay normalizes with them as they were
+        assert torch.equal(bn.running_mean, after[0]) and torch.equal(bn.running_var, after[1])  # writes nothing
     with pytest.raises(RuntimeError, match="recomputation ran this layer more often"):
-        state.begin(bn, torch.randn(4, 3, 2, 2))
+        bn(torch.randn(4, 3, 2, 2))
 
 
 def test_a_policy_applied_and_removed_keeps_the_cumulative_average_under_it():

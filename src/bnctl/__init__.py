@@ -9,7 +9,7 @@ from .adapt import BatchNormOnlyHandle, TestTimeHandle, prepare_test_time, train
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
 from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
 from .fold import FoldHandle, fold, unfold
-from .functional import Accumulator, batch_norm
+from .functional import batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass, unregister_subclass
 from .policy import (
     PRESETS,
@@ -22,6 +22,7 @@ from .policy import (
 )
 from .recalibrate import recalibrate
 from .report import Report, report
+from .stats import Accumulator
 from .updates import accumulate, checkpoint_context, restore, snapshot
 
 __version__ = "0.1.0"

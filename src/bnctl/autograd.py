@@ -20,17 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["normalize_with_stats", "reduce_dims"]
+from .stats import reduce_dims
+
+__all__ = ["normalize_with_stats"]
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
     """Reshape a ``(C,)`` tensor so it broadcasts against ``(N, C, *)``."""
     return t.reshape((1, -1) + (1,) * (ndim - 2))
-
-
-def reduce_dims(ndim: int) -> list[int]:
-    """The dimensions a channel's statistics reduce over: all but dim 1."""
-    return [0, *range(2, ndim)]
 
 
 class _NormalizeWithStats(torch.autograd.Function):

@@ -98,7 +98,7 @@ def add_domains(
         if clash:
             raise ValueError(f"{display_name(lname, layer)}: domain(s) {clash} already exist.")
     for lname, layer in targets:
-        control(layer, lname)  # domains need bnctl's forward; they keep the layer controlled
+        control(layer, lname)._program = None  # domains need bnctl's forward; they keep the layer controlled
         for name in names:
             for base in STATS:
                 buf = getattr(layer, base)

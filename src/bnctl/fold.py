@@ -26,9 +26,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from . import context
 from .frozen import is_frozen_batchnorm
-from .modules import drop_act, is_uninitialized, layer_plan, layer_state, normalizes_only
-from .state import LayerTensors
+from .modules import drop_act, is_uninitialized, layer_state, normalizes_only
+from .state import LayerState, LayerTensors
 
 __all__ = ["FoldHandle", "fold", "unfold"]
 
@@ -108,26 +109,23 @@ def _find(module: nn.Module, prefix: str, skipped: list[str]) -> list[tuple[str,
     return pairs
 
 
-def _running_tensors(norm: nn.Module) -> LayerTensors | None:
-    """What ``norm`` normalizes with in this forward if that is its running statistics and it updates
-    nothing (its policy, mode, scopes and selected domain), else ``None``."""
+def _affine_tensors(norm: nn.Module, plain: LayerState) -> LayerTensors | None:
+    """The tensors of ``norm``'s per-channel affine map in this forward, if it is one (it normalizes with
+    running statistics and updates nothing: :attr:`bnctl.state.Forward.folds`), else ``None``.
+
+    The layer's own decision (:meth:`bnctl.state.LayerState.decide`) says so, with the same errors
+    as the unfolded forward; ``plain`` decides for a torch layer bnctl does not control.
+    """
     if is_frozen_batchnorm(norm):
         b = norm._buffers
         return LayerTensors(b["running_mean"], b["running_var"], None, b["weight"], b["bias"])
     if is_uninitialized(norm):
         return None
-    state = layer_state(norm)
-    plan = layer_plan(norm)
-    step = plan.train if norm.training else plan.eval
-    updates = step.update != "none" and not (state is not None and state.no_update)
-    if step.normalize != "running" or updates:
+    forward = (layer_state(norm) or plain).decide(norm, None, context.current())
+    if not forward.folds:
         return None
-    if state is None:
-        return LayerTensors.of(norm)
-    if state.replay is not None or state.tapes:  # activation checkpointing records the layer's forwards
-        return None
-    tensors = state.tensors(norm)
-    return tensors.detached_affine() if state.policy.learn_affine is False else tensors
+    tensors = LayerTensors.of(norm, forward.domain)
+    return tensors.detached_affine() if forward.detach_affine else tensors
 
 
 class _Scope:
@@ -160,6 +158,7 @@ class _Pair:
     conv: nn.Module
     norm: nn.Module
     scope: _Scope
+    plain: LayerState  # decides for the BatchNorm while bnctl does not control it (the torch preset)
     folded: Tensor | None = None  # the folded conv's output, until the norm takes it
 
     def __getstate__(self) -> dict:
@@ -184,7 +183,7 @@ class _Pair:
     def conv_forward(self, input: Tensor) -> Tensor:
         conv, norm = self.conv, self.norm
         foldable = self.scope.active > 0 and self.worth_it(input) and not self._hooked()
-        t = _running_tensors(norm) if foldable else None
+        t = _affine_tensors(norm, self.plain) if foldable else None
         if t is None:
             self.folded = None
             return type(conv).forward(conv, input)
@@ -299,7 +298,8 @@ def fold(model: nn.Module) -> FoldHandle:
             owner.register_forward_pre_hook(scope.enter)
             owner.register_forward_hook(scope.leave, always_call=True)
             handle._modules.append(owner)
-        pair = _Pair(modules[conv_name], modules[norm_name], scope)
+        norm = modules[norm_name]
+        pair = _Pair(modules[conv_name], norm, scope, LayerState(norm_name, type(norm), {}))
         scope.pairs.append(pair)
         pair.conv.forward = pair.conv_forward
         pair.norm.forward = pair.norm_forward

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .functional import normalize, normalize_and_observe
-from .policy import TORCH, Plan, Policy, get_policy, make_plan, needs_running_stats
+from .policy import NO_UPDATE, TORCH, Plan, Policy, get_policy, kinds, make_plan, needs_running_stats
 from .state import AFFINE, STATS, LayerState, domain_key, domains, warn_in_user_code
 
 __all__ = [
@@ -60,35 +59,21 @@ class _PolicyForward(_BatchNorm):
     _bnctl: LayerState
 
     def forward(self, input: Tensor) -> Tensor:
-        state = self._bnctl
-        self._check_input(input, state.name)
-        forward = state.begin(self, input)
-        step, t = forward.step, forward.tensors
-        if step.update == "none":
-            return normalize(input, step.normalize, t.running_mean, t.running_var, t.weight, t.bias, self.eps,
-                             forward.limits, group=forward.group, fallback=step.fallback)
-        out, observed = normalize_and_observe(
-            input, step.normalize, t.running_mean, t.running_var, t.weight, t.bias, self.eps,
-            limits=forward.limits, ema_weight=forward.ema_weight, group=forward.group, fallback=step.fallback,
-        )
-        state.commit(self, forward, observed)
-        return out
-
-    def _check_input(self, input: Tensor, name: str) -> None:
         try:
             self._check_input_dim(input)
         except ValueError as err:
             raise ValueError(
-                f"{name}: {err}. {type(self).__name__} takes input of shape "
+                f"{self._bnctl.name}: {err}. {type(self).__name__} takes input of shape "
                 f"{_expected_shape(self)}; reshape the input or use the BatchNorm of matching "
                 "dimensionality."
             ) from err
-        if input.dim() < 2 or input.shape[1] != self.num_features:
+        if input.ndim < 2 or input.shape[1] != self.num_features:
             raise ValueError(
-                f"{name}: expected {self.num_features} channels in dim 1, got input of shape "
+                f"{self._bnctl.name}: expected {self.num_features} channels in dim 1, got input of shape "
                 f"{tuple(input.shape)}. Check the preceding layer's output channels (or pass "
                 "channels-first data: (N, C, ...))."
             )
+        return self._bnctl.forward(self, input)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               *args: Any) -> None:
@@ -123,7 +108,7 @@ class _PolicyForward(_BatchNorm):
         """torch's reset, with a warning where the policy would never refill the statistics."""
         super().reset_running_stats()
         state: LayerState | None = self.__dict__.get("_bnctl")
-        if state is not None and self.running_mean is not None and state.plan(self).train.update == "none":
+        if state is not None and self.running_mean is not None and kinds(state.plan(self).train)[1] == NO_UPDATE:
             warn_in_user_code(
                 f"{state.name}: running statistics reset to 0 and 1, but policy {state.policy.label!r} never "
                 "updates them in train(), so no forward will refill them (torch.optim.swa_utils.update_bn "

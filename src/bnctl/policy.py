@@ -24,6 +24,13 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Union
 
 __all__ = [
+    "BATCH",
+    "BLEND",
+    "CUMULATIVE",
+    "EMA",
+    "NO_UPDATE",
+    "RENORM",
+    "RUNNING",
     "Mode",
     "Plan",
     "Policy",
@@ -31,6 +38,9 @@ __all__ = [
     "Step",
     "get_policy",
     "make_plan",
+    "check_eps",
+    "for_batch",
+    "kinds",
     "make_step",
     "needs_running_stats",
     "resolve_mode",
@@ -442,3 +452,73 @@ def momentum_from_half_life(batches: float) -> float:
         raise ValueError(f"expected a positive, finite half-life in batches, got {batches!r}.")
     return 1.0 - 2.0 ** (-1.0 / batches)
 
+
+
+# -- the forward path's words: mode strings become these small ints here, and only here ---------
+
+BATCH, RUNNING, RENORM, BLEND = 0, 1, 2, 3
+"""How a forward normalizes: this batch's statistics, the running ones, Batch Renormalization, a blend."""
+NO_UPDATE, EMA, CUMULATIVE = 0, 1, 2
+"""What a forward's batch does to the running statistics: nothing, an EMA, a cumulative average."""
+
+_NORMALIZE_KINDS = {"batch": BATCH, "running": RUNNING, "renorm": RENORM}
+_UPDATE_KINDS = {"none": NO_UPDATE, "ema": EMA, "cumulative": CUMULATIVE}
+
+
+def kinds(step: Step) -> tuple[int, int]:
+    """``step``'s (normalize, update) as the forward path compares them (a float is a blend).
+
+    Example:
+        >>> kinds(make_step(Mode("running", "ema"), 0.1)) == (RUNNING, EMA)
+        True
+    """
+    return _NORMALIZE_KINDS.get(step.normalize, BLEND), _UPDATE_KINDS[step.update]  # type: ignore[call-overload]
+
+
+def for_batch(normalize: int, update: int, n: int, *, fallback: bool, has_running_stats: bool, name: str,
+              got: object) -> tuple[int, int]:
+    """(normalize, update) of a forward whose batch has ``n`` values per channel: the batch rules.
+
+    * An empty batch (``n = 0``) updates nothing (and normalizes with the
+      running statistics only where it would anyway).
+    * One value per channel has no batch variance: a mode that needs batch
+      statistics raises (naming ``name``; ``got`` describes the batch), or
+      with ``fallback`` normalizes with the running statistics and updates
+      nothing. With running normalization an update is still attempted: its
+      unbiased variance is undefined, so the guard skips it and counts it.
+
+    Every path takes these rules from here on the batch size alone: a layer
+    on its input (:meth:`bnctl.state.LayerState.decide`), a synchronized
+    layer on every rank's batch together, :func:`bnctl.functional.batch_norm`.
+
+    Raises:
+        ValueError: one value per channel where batch statistics are needed.
+    """
+    if n > 1:
+        return normalize, update
+    if n == 0:
+        return (RUNNING if normalize == RUNNING else BATCH), NO_UPDATE
+    if normalize == RUNNING:
+        return normalize, update
+    if fallback and has_running_stats:
+        return RUNNING, NO_UPDATE
+    raise ValueError(
+        f"{name}: expected more than 1 value per channel to compute batch statistics, got {got}. Fixes: use "
+        "a policy that normalizes with running statistics in this mode (e.g. 'frozen' or 'frozen_stats'), use "
+        "a larger batch, pass drop_last=True to the DataLoader, or use a policy with fallback=True to "
+        "normalize such batches with the running statistics."
+    )
+
+
+def check_eps(eps: float, name: str) -> None:
+    """Raise, naming ``name``, unless ``eps > 0``: for a forward that normalizes with batch statistics.
+
+    PyTorch refuses ``eps <= 0`` in training and accepts it in ``eval()``, so
+    a forward that normalizes with running statistics does too (a layer
+    whose forward bnctl folds into its conv included).
+    """
+    if not eps > 0:
+        raise ValueError(
+            f"{name}: expected eps > 0 to normalize with batch statistics, got eps={eps!r}. Set the "
+            "layer's eps to a small positive number (PyTorch's default is 1e-5)."
+        )

@@ -27,10 +27,11 @@ from .distributed import active
 from .domains import domain as domain_scope
 from .domains import layers_with
 from .frozen import Swap, is_frozen_batchnorm, swap_in, swap_out
-from .functional import Accumulator, BatchAverage
+from .guard import assign_running_
 from .modules import check_materialized, display_name
 from .policy import PRESETS
 from .state import LayerTensors, Pools, domains
+from .stats import Accumulator, BatchAverage
 from .updates import pooling, unchanged
 
 __all__ = ["recalibrate", "call_model", "progress_bar"]
@@ -298,11 +299,7 @@ def _write(layer: nn.Module, pools: Pools) -> bool:
     for domain, pool in pools.by_domain.items():
         if float(pool.count) == 0:
             continue
-        mean, var = pool.population()
         t = LayerTensors.of(layer, domain)
-        t.running_mean.copy_(mean)
-        t.running_var.copy_(var)
-        if t.num_batches_tracked is not None:
-            t.num_batches_tracked.fill_(int(pool.batches))
+        assign_running_(t.running_mean, t.running_var, t.num_batches_tracked, *pool.population(), int(pool.batches))
         written = True
     return written

@@ -5,10 +5,11 @@ A layer under bnctl's control carries one :class:`LayerState` (as
 (a stack: :func:`bnctl.apply` pushes, ``handle.remove()`` pops), the scopes
 it is in (``no_update``, ``accumulate``, a selected domain, an activation-
 checkpoint recording), its cumulative accumulators and pools per domain, and
-the count of skipped updates. Two methods are the whole protocol of a forward:
-:meth:`LayerState.begin` says what the forward does and with which tensors,
-:meth:`LayerState.commit` writes what it observed where the scopes say, behind
-the non-finite guard.
+the count of skipped updates. :meth:`LayerState.decide` says what a forward
+does (the one decision, from a per-layer :class:`Program` settled when
+something changes, and the batch's size); :meth:`LayerState.forward` runs it:
+normalization (:mod:`bnctl.functional`), then what the batch says goes where
+the scopes say, behind the non-finite guard (:mod:`bnctl.guard`).
 
 Domains: domain ``d`` is a set of tensors named ``running_mean__d``,
 ``running_var__d``, ``num_batches_tracked__d`` (and optionally ``weight__d``,
@@ -30,25 +31,28 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import context
+from .context import batched
 from .distributed import active
-from .functional import (
-    Accumulator,
-    BatchAverage,
-    BatchStats,
-    Limits,
-    Observed,
-    Status,
-    batched,
+from .functional import Limits, normalize, renorm_limits, stages, update_in_kernel
+from .guard import Status, copy_if_finite_, write_running_
+from .policy import (
+    BLEND,
+    CUMULATIVE,
+    EMA,
+    NO_UPDATE,
+    RENORM,
+    RUNNING,
+    TORCH,
+    Plan,
+    Policy,
+    Step,
     check_eps,
-    copy_if_finite_,
-    ema_weight,
-    renorm_limits,
-    step_for_batch,
-    traced,
-    transformed,
-    write_running_,
+    for_batch,
+    kinds,
+    make_plan,
 )
-from .policy import TORCH, Plan, Policy, Step, make_plan
+from .stats import Accumulator, BatchAverage, BatchStats, ema_weight, global_stats, values_per_channel
 
 __all__ = [
     "AFFINE",
@@ -57,6 +61,7 @@ __all__ = [
     "Applied",
     "Forward",
     "LayerState",
+    "Program",
     "LayerTensors",
     "Pools",
     "Tape",
@@ -120,21 +125,59 @@ class LayerTensors(NamedTuple):
 
 
 class Forward(NamedTuple):
-    """What one forward of a layer does: its step, its tensors, and what derives from them.
+    """What one forward of a layer does: the answer of :meth:`LayerState.decide`.
 
-    ``ema_weight`` is set when the native kernel computes the EMA itself (a
-    direct ``"ema"`` update of a ``"batch"`` step); otherwise the forward
-    observes the batch's statistics (or nothing, when ``step.update`` is
-    ``"none"``). ``group`` is the process group whose ranks' batches make the
-    batch (``None``: this rank's alone).
+    ``normalize`` and ``update`` are the policy's half for the layer's mode
+    (:data:`~bnctl.policy.BATCH`, ...; :data:`~bnctl.policy.NO_UPDATE`, ...)
+    after the scopes and the batch rules; ``step`` holds the rest (momentum,
+    fallback, renorm schedule) and the names for messages. ``keys`` are the
+    attribute names of the selected domain's ``running_mean``,
+    ``running_var``, ``num_batches_tracked``, ``weight`` and ``bias``.
+    ``pool``: updates go to an ``accumulate``/``recalibrate`` pool.
+    ``group``: the process group whose ranks' batches make the batch
+    (``None``: this rank's alone; the batch rules then wait for the
+    collective). ``staged``: the normalization kernel computes the EMA
+    (:func:`bnctl.functional.stages`). ``taped``: an activation checkpoint
+    records or replays the layer; a ``replayed`` forward carries the
+    ``running`` statistics and Batch Renormalization ``limits`` the first one
+    used, runs the same ops (autograd must save the same tensors) and writes
+    nothing.
     """
 
     step: Step
-    tensors: LayerTensors
+    normalize: int
+    update: int
     domain: str
-    limits: Limits
-    ema_weight: float | None
+    keys: tuple[str, str, str, str, str]
+    alpha: float = 1.0
+    detach_affine: bool = False
+    pool: bool = False
     group: Any = None
+    staged: bool = False
+    taped: bool = False
+    running: tuple[Tensor, Tensor] | None = None
+    limits: Limits | None = None
+    replayed: bool = False
+
+    @property
+    def folds(self) -> bool:
+        """Whether the layer is a fixed per-channel affine map in this forward: it normalizes with running
+        statistics and updates nothing, outside any checkpoint recording (what :func:`bnctl.fold` needs)."""
+        return self.normalize == RUNNING and self.update == NO_UPDATE and not self.taped
+
+
+class Program(NamedTuple):
+    """What :meth:`LayerState.decide` settles before seeing a batch, for ``eval()`` and ``train()``, and
+    the layer attributes it was settled from (a forward checks them, without a call)."""
+
+    eval: Forward
+    train: Forward
+    momentum: float | None
+    track_running_stats: bool
+    has_running_stats: bool
+    ctx: int
+    sync: bool
+    synced: bool
 
 
 @dataclass
@@ -177,16 +220,16 @@ class UpdateCounts:
 class Pools:
     """Batch statistics gathered by ``accumulate()``/``recalibrate()``, per domain, not yet written.
 
-    ``kind`` is :class:`~bnctl.functional.Accumulator` (exact) or
-    :class:`~bnctl.functional.BatchAverage`; ``updates`` records, per domain,
-    the update (and momentum) the layer's policy asked for. ``local`` pools
+    ``kind`` is :class:`~bnctl.stats.Accumulator` (exact) or
+    :class:`~bnctl.stats.BatchAverage`; ``updates`` records, per domain,
+    the update the layer's policy asked for (cumulative or not, and the momentum). ``local`` pools
     hold this rank's statistics only, also for synchronizing layers
     (``recalibrate`` merges the ranks itself, once, at the end).
     """
 
     kind: type = Accumulator
     by_domain: dict[str, Accumulator | BatchAverage] = field(default_factory=dict)
-    updates: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    updates: dict[str, tuple[bool, float | None]] = field(default_factory=dict)
     local: bool = False
 
 
@@ -243,6 +286,11 @@ class LayerState:
     took over, the constructor's for a ``bnctl.BatchNorm*d``); ``builtin``
     layers stay bnctl layers. ``holds`` counts the scopes that keep a taken-over
     layer under control; ``no_update`` those that forbid writes.
+
+    The forward: :meth:`decide` says what a forward does, from the layer's
+    :class:`Program` (settled when the policy, a scope or the domain changes:
+    setting any field here, :meth:`push`, :meth:`pop` and the tape methods
+    drop it) and the batch's size; :meth:`forward` runs it.
     """
 
     name: str
@@ -259,17 +307,25 @@ class LayerState:
     replay: Tape | None = None
     base_accumulators: dict[str, Accumulator] = field(default_factory=dict)
     counts: UpdateCounts = field(default_factory=UpdateCounts)
-    _plan: tuple[tuple[Any, ...], Plan] | None = field(default=None, repr=False)
+    _program: Program | None = field(default=None, repr=False)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        object.__setattr__(self, key, value)
+        if key != "_program":  # whatever changed, the program is settled again at the next forward
+            object.__setattr__(self, "_program", None)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles keep policies, accumulators and counts, but not the scopes the
         original is in (those end with the original's ``with`` blocks) nor process groups."""
         state = dict(self.__dict__)
-        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tapes=[], replay=None, _plan=None)
+        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tapes=[], replay=None, _program=None)
         # A process group belongs to this process (it does not pickle): copies sync over the layer's
         # own group or the world group.
         state["policies"] = [dataclasses.replace(a, process_group=None) for a in self.policies]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # -- policy ----------------------------------------------------------------------------
 
@@ -286,6 +342,29 @@ class LayerState:
 
     def push(self, token: object, policy: Policy, process_group: Any = None) -> None:
         self.policies.append(Applied(token, policy, process_group=process_group))
+        self._program = None
+
+    def pop(self, token: object) -> None:
+        self.require_top(token)
+        self.policies.pop()
+        self._program = None
+
+    def require_top(self, token: object) -> None:
+        """Raise unless ``token``'s policy is the last one applied (handles are removed LIFO)."""
+        if not self.policies or self.policies[-1].token is not token:
+            raise RuntimeError(
+                f"{self.name}: expected the policy this handle applied, found another one. Remove "
+                "handles in reverse order of application (or use bnctl.using as a context manager)."
+            )
+
+    def join_tape(self, tape: Tape) -> None:
+        """Record this layer's forwards on ``tape`` (an activation checkpoint's first forward)."""
+        self.tapes.append(tape)
+        self._program = None
+
+    def leave_tape(self, tape: Tape) -> None:
+        self.tapes.remove(tape)
+        self._program = None
 
     def sync_group(self, layer: nn.Module) -> Any:
         """The process group whose batches this layer's batch statistics span, or ``None`` (local).
@@ -306,29 +385,10 @@ class LayerState:
             group = getattr(layer, "process_group", None)
         return torch.distributed.group.WORLD if group is None else group
 
-    def pop(self, token: object) -> None:
-        self.require_top(token)
-        self.policies.pop()
-
-    def require_top(self, token: object) -> None:
-        """Raise unless ``token``'s policy is the last one applied (handles are removed LIFO)."""
-        if not self.policies or self.policies[-1].token is not token:
-            raise RuntimeError(
-                f"{self.name}: expected the policy this handle applied, found another one. Remove "
-                "handles in reverse order of application (or use bnctl.using as a context manager)."
-            )
-
     def plan(self, layer: nn.Module) -> Plan:
-        """The layer's :class:`~bnctl.policy.Plan`, resolved again only when an input to it changed."""
-        policy = self.policy
-        key = (policy, layer.momentum, layer.track_running_stats, layer.running_mean is not None)
-        if torch.compiler.is_compiling():  # resolved at trace time; a cache would only add guards
-            return make_plan(policy, momentum=key[1], track_running_stats=key[2], has_running_stats=key[3])
-        cached = self._plan
-        if cached is None or cached[0][0] is not policy or cached[0][1:] != key[1:]:
-            plan = make_plan(policy, momentum=key[1], track_running_stats=key[2], has_running_stats=key[3])
-            self._plan = cached = (key, plan)
-        return cached[1]
+        """The layer's :class:`~bnctl.policy.Plan`: its policy resolved for its attributes, before scopes."""
+        return make_plan(self.policy, momentum=layer.momentum, track_running_stats=layer.track_running_stats,
+                         has_running_stats=layer._buffers.get("running_mean") is not None)
 
     # -- one forward -----------------------------------------------------------------------
 
@@ -336,119 +396,223 @@ class LayerState:
         """The tensors of the selected domain."""
         return LayerTensors.of(layer, self.domain)
 
-    def begin(self, layer: nn.Module, x: Tensor) -> Forward:
-        """What this forward of ``layer`` does on ``x``, and with which tensors.
-
-        Under an activation checkpoint's recomputation it is what the first
-        forward did (recorded then); under ``no_update`` nothing is updated.
-        Every checkpoint region the forward runs in records it (nested ones too).
-        """
-        forward = self.replay.next(layer, self.name) if self.replay is not None else self._decide(layer, x)
-        for tape in self.tapes:
-            self._record(tape, layer, forward)
-        return forward
-
-    def _decide(self, layer: nn.Module, x: Tensor) -> Forward:
-        tensors = self.tensors(layer)
+    def program(self, layer: nn.Module, ctx: int = context.EAGER) -> Program:
+        """What every forward of ``layer`` does until something changes, for ``eval()`` and ``train()``:
+        the policy resolved for the layer (:meth:`plan`), then the scopes: ``no_update`` writes
+        nothing, pools take the updates, the domain selects the tensors, a checkpoint tape records or
+        replays, the process group makes the batch. Kept on the state, except while compiling (the
+        graph keeps what it needs; a cache would only add guards)."""
         plan = self.plan(layer)
-        step = plan.train if layer.training else plan.eval  # (a bool index breaks older dynamo graphs)
         group = self.sync_group(layer)
-        if group is None:
-            step = step_for_batch(step, x, layer.eps, tensors.running_mean is not None, self.name)
-        else:  # the batch is every rank's: its size is known after the collective, in the forward
+        pool = self.pools is not None
+        keys = tuple(domain_key(k, self.domain) for k in STATS)
+        keys += tuple(k if self.domain == DEFAULT or domain_key(k, self.domain) not in layer._parameters
+                      else domain_key(k, self.domain) for k in AFFINE)
+        taped = bool(self.tapes) or self.replay is not None
+
+        def half(step: Step) -> Forward:
+            normalize, update = kinds(step)
+            if self.no_update:
+                update = NO_UPDATE
+            return Forward(
+                step, normalize, update, self.domain, keys,  # type: ignore[arg-type]
+                alpha=float(step.normalize) if normalize == BLEND else 1.0,
+                detach_affine=self.policy.learn_affine is False,
+                pool=pool and update != NO_UPDATE,
+                group=None if normalize == RUNNING and update == NO_UPDATE else group,  # nothing of the batch used
+                staged=update == EMA and not pool and group is None and stages(normalize, step.momentum, ctx),
+                taped=taped,
+            )
+
+        sync = self.policy.sync or isinstance(layer, nn.SyncBatchNorm)
+        program = Program(half(plan.eval), half(plan.train), layer.momentum, layer.track_running_stats,
+                          layer._buffers.get("running_mean") is not None, ctx, sync, sync and active())
+        if not ctx & context.COMPILING:
+            self._program = program
+        return program
+
+    def decide(self, layer: nn.Module, x: Tensor | None, ctx: int = context.EAGER) -> Forward:
+        """What this forward of ``layer`` does on ``x``: the one decision every path takes (the layer's
+        forward, :func:`bnctl.fold`, the synchronized forward). No side effect but the cached program.
+
+        Without ``x`` it is the decision before the batch rules (eps, the batch's size), which never
+        change whether a layer normalizes with running statistics and updates nothing
+        (:attr:`Forward.folds`): fold asks that, and a layer it does not fold raises in its own forward.
+
+        Raises:
+            ValueError: ``eps <= 0`` where batch statistics normalize, or one value per channel where
+                they are needed and the policy has no fallback (both naming the layer).
+        """
+        program = self._program
+        if (program is None or program.ctx != ctx or program.momentum != layer.momentum
+                or program.track_running_stats is not layer.track_running_stats
+                or program.has_running_stats is (layer._buffers["running_mean"] is None)
+                or program.sync and program.synced is not active()):
+            program = self.program(layer, ctx)
+        forward = program.train if layer.training else program.eval
+        if x is None:
+            return forward
+        if not layer.eps > 0 and forward.normalize != RUNNING:  # (as PyTorch: eval() takes any eps)
             check_eps(layer.eps, self.name)
-        if self.no_update and step.update != "none":
-            step = step._replace(update="none")
-        limits: Limits = (3.0, 5.0)
-        if step.renorm is not None and step.normalize == "renorm":
-            limits = renorm_limits(*step.renorm, tensors.num_batches_tracked)
-        if step.normalize == "running" and step.update == "none":
-            group = None  # nothing of the batch is used: no collective
-        weight = None
-        if step.update == "ema" and step.normalize == "batch" and self.pools is None and group is None:
-            weight = ema_weight(step.momentum, tensors.num_batches_tracked)
-            if isinstance(weight, Tensor) or transformed():
-                weight = None  # the kernel takes a float weight, and under vmap its writes into views are lost
-        if self.policy.learn_affine is False:  # frozen means frozen, whatever requires_grad says
-            tensors = tensors.detached_affine()
-        return Forward(step, tensors, self.domain, limits, weight, group)
+        if forward.group is not None:  # a synchronized batch: the rules apply after the collective
+            return forward
+        channels = x.shape[1]
+        n = x.numel() // channels if channels else 0
+        if n > 1:
+            return forward
+        return self.for_batch(forward, n, f"input of shape {tuple(x.shape)}", layer)
 
-    @staticmethod
-    def _record(tape: Tape, layer: nn.Module, forward: Forward) -> None:
-        t = forward.tensors
-        if t.running_mean is not None:
-            t = t._replace(running_mean=t.running_mean.detach().clone(), running_var=t.running_var.detach().clone())
-        tape.records[id(layer)].append(forward._replace(tensors=t))
+    def for_batch(self, forward: Forward, n: int, got: str, layer: nn.Module) -> Forward:
+        """``forward`` on a batch of ``n`` values per channel (:func:`bnctl.policy.for_batch`)."""
+        normalize, update = for_batch(forward.normalize, forward.update, n, fallback=forward.step.fallback,
+                                      has_running_stats=layer._buffers.get(forward.keys[0]) is not None,
+                                      name=self.name, got=got)
+        if (normalize, update) == (forward.normalize, forward.update):
+            return forward
+        return forward._replace(normalize=normalize, update=update, staged=False, group=None,
+                                pool=forward.pool and update != NO_UPDATE)
 
-    def commit(self, layer: nn.Module, forward: Forward, observed: Observed) -> None:
+    def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The layer's forward: :meth:`decide`, normalize (:func:`bnctl.functional.normalize`), and write
+        what the batch says where the scopes say (:mod:`bnctl.guard`)."""
+        ctx = context.current()
+        forward = self.decide(layer, x, ctx)
+        if forward.taped:
+            forward = self._taped(layer, forward)
+        buffers, params = layer._buffers, layer._parameters
+        mean_key, var_key, count_key, weight_key, bias_key = forward.keys
+        running_mean, running_var = buffers[mean_key], buffers[var_key]
+        weight, bias = params[weight_key], params[bias_key]
+        if forward.running is not None:
+            running_mean, running_var = forward.running
+        if forward.detach_affine:  # frozen means frozen, whatever requires_grad says
+            weight = None if weight is None else weight.detach()
+            bias = None if bias is None else bias.detach()
+        limits = forward.limits
+        if forward.normalize == RENORM and limits is None:
+            limits = renorm_limits(*forward.step.renorm, buffers[count_key])  # type: ignore[misc]
+        args = (x, forward.normalize, running_mean, running_var, weight, bias, layer.eps)
+        if forward.group is not None:
+            return self._synced(layer, forward, args, limits, ctx)
+        if forward.update == NO_UPDATE:
+            return normalize(*args, alpha=forward.alpha, limits=limits, ctx=ctx)[0]
+        count = buffers[count_key]
+        if forward.staged:
+            momentum = forward.step.momentum
+            counter = None if ctx or running_mean.is_cpu else self.counts.counter(running_mean)
+            out, ok = update_in_kernel(args, limits, ema_weight(None, count) if momentum is None else momentum,
+                                       count, ctx, counter, write=not forward.replayed)
+            if forward.replayed:
+                return out
+            self.count(ok, ctx, counted=counter is not None, running=(running_mean, running_var),
+                       n=values_per_channel(x) if ok is False else None)
+            return out
+        out, stats = normalize(*args, alpha=forward.alpha, limits=limits, observe=True, ctx=ctx)
+        if not forward.replayed:
+            self.commit(layer, forward, stats, ctx)  # type: ignore[arg-type]
+        return out
+
+    def _synced(self, layer: nn.Module, forward: Forward, args: tuple, limits: Limits | None, ctx: int) -> Tensor:
+        """A forward whose batch statistics span the ranks of ``forward.group``: one collective gives them,
+        then the batch rules apply to every rank's batch together (so every rank takes the same branch)."""
+        x = args[0]
+        stats = global_stats(x, forward.group, ctx)
+        forward = self.for_batch(forward, stats.n, "1 value per channel over all ranks of the process group",
+                                 layer)._replace(group=forward.group)
+        out, _ = normalize(*args[:1], forward.normalize, *args[2:], alpha=forward.alpha, limits=limits,
+                           observe=forward.update != NO_UPDATE, group=forward.group, stats=stats, ctx=ctx)
+        if forward.update != NO_UPDATE and not forward.replayed:
+            self.commit(layer, forward, stats, ctx)
+        return out
+
+    def _taped(self, layer: nn.Module, forward: Forward) -> Forward:
+        """Under an activation checkpoint: a recomputation replays what the first forward did (the running
+        statistics as they were then, the same mode, nothing written); a first forward is recorded by every
+        checkpoint region it runs in (nested ones too)."""
+        if self.replay is not None:
+            return self.replay.next(layer, self.name)
+        buffers = layer._buffers
+        running = None
+        if buffers[forward.keys[0]] is not None:
+            running = (buffers[forward.keys[0]].detach().clone(), buffers[forward.keys[1]].detach().clone())
+        limits = None
+        if forward.normalize == RENORM:
+            limits = renorm_limits(*forward.step.renorm, buffers[forward.keys[2]])  # type: ignore[misc]
+        record = forward._replace(running=running, limits=limits, replayed=True)
+        for tape in self.tapes:
+            tape.records[id(layer)].append(record)
+        return forward._replace(limits=limits)
+
+    def commit(self, layer: nn.Module, forward: Forward, stats: BatchStats, ctx: int = context.EAGER) -> None:
         """Write what a forward observed: into the pool of an ``accumulate``/``recalibrate``
-        block, or (guarded) into the running statistics. Never during a replay."""
-        if self.replay is not None or (isinstance(observed, BatchStats) and observed.n == 0):
-            return  # (an empty batch over all ranks of a synchronized layer updates nothing)
-        if self.pools is None:
-            step = forward.step
-            self.write(forward.domain, forward.tensors, step.update, step.momentum, observed)
+        block, or (guarded) into the running statistics."""
+        if stats.n == 0:
             return
-        if not isinstance(observed, BatchStats):
-            raise TypeError(f"{self.name}: expected batch statistics to pool, got {type(observed).__name__}.")
+        if not forward.pool:
+            self.write(forward.domain, LayerTensors.of(layer, forward.domain), forward.update == CUMULATIVE,
+                       forward.step.momentum, stats, ctx)
+            return
         pools, domain = self.pools, forward.domain
+        if pools is None:  # (a forward decided inside a block that has ended)
+            return
         pool = pools.by_domain.get(domain)
         if pool is None:
-            pool = _inference_safe(pools.kind.empty, layer.num_features, observed.mean.device)
+            pool = _inference_safe(pools.kind.empty, layer.num_features, stats.mean.device)
             pools.by_domain[domain] = pool
-        pools.updates[domain] = (forward.step.update, forward.step.momentum)
-        self.count(copy_if_finite_(pool.tensors, torch.cat(pool.merged(observed)), None), observed=observed)
+        pools.updates[domain] = (forward.update == CUMULATIVE, forward.step.momentum)
+        self.count(copy_if_finite_(pool.tensors, torch.cat(pool.merged(stats)), None, ctx=ctx), ctx, n=stats.n)
 
     def write(
-        self, domain: str, tensors: LayerTensors, update: str, momentum: float | None, observed: Observed
+        self, domain: str, tensors: LayerTensors, cumulative: bool, momentum: float | None, stats: BatchStats,
+        ctx: int = context.EAGER,
     ) -> Status:
-        """One ``update`` of ``domain``'s running statistics with ``observed``, guarded and counted."""
+        """One update of ``domain``'s running statistics with ``stats`` (an EMA, or a cumulative
+        average), guarded and counted."""
         accumulator = None
-        if update == "cumulative" and batched(tensors.running_mean):
-            raise RuntimeError(
-                f"{self.name}: a cumulative average keeps its running sums outside the module's buffers, "
-                "so torch.func.vmap cannot give each model its own. Under vmap use a policy with an EMA "
-                "update (momentum a float), or recalibrate each model outside the transform."
-            )
-        if update == "cumulative":
+        if cumulative:
+            if batched(tensors.running_mean):
+                raise RuntimeError(
+                    f"{self.name}: a cumulative average keeps its running sums outside the module's buffers, "
+                    "so torch.func.vmap cannot give each model its own. Under vmap use a policy with an EMA "
+                    "update (momentum a float), or recalibrate each model outside the transform."
+                )
             accumulator = self.accumulators.get(domain)
             if accumulator is None:
                 accumulator = _inference_safe(Accumulator.empty, tensors.running_mean.numel(),
                                               tensors.running_mean.device)
                 self.accumulators[domain] = accumulator
-        counter = None if traced() else self.counts.counter(tensors.running_mean)
-        ok = write_running_(update, tensors.running_mean, tensors.running_var, tensors.num_batches_tracked,
-                            observed, momentum, accumulator, counter=counter)
-        self.count(ok, tensors, observed, counted=counter is not None)
+        counter = None if ctx or tensors.running_mean.is_cpu else self.counts.counter(tensors.running_mean)
+        ok = write_running_(tensors.running_mean, tensors.running_var, tensors.num_batches_tracked, stats, momentum,
+                            accumulator, counter=counter, ctx=ctx)
+        self.count(ok, ctx, counted=counter is not None, running=tensors[:2], n=stats.n)
         return ok
 
-    def count(
-        self, ok: Status, tensors: LayerTensors | None = None, observed: Observed | None = None, counted: bool = False
-    ) -> None:
+    def count(self, ok: Status, ctx: int = context.EAGER, *, counted: bool = False,
+              running: tuple[Tensor | None, ...] = (), n: int | None = None) -> None:
         """Record the outcome of an attempted write; on the CPU, warn about skips.
 
         A layer warns at its first skip, with the likely cause, and then
         only at its 10th, 100th, 1000th... skip (``skipped_updates`` and
         :func:`bnctl.report` have the count), from the user's line of code.
-        Traced code (:func:`~bnctl.functional.traced`) counts nothing: a
-        compiled graph would bake the count in. The guard holds there all
-        the same, and ``num_batches_tracked`` counts only the applied updates.
+        Captured code counts nothing: a compiled graph would bake the count
+        in. The guard holds there all the same, and ``num_batches_tracked``
+        counts only the applied updates.
         """
-        if traced():
+        if ctx:
             return
         self.counts.add(ok, counted)
         skipped = self.counts.skipped if ok is False else 0
         if skipped and math.log10(skipped).is_integer():
-            warn_in_user_code(_skip_message(self.name, skipped, tensors, observed), RuntimeWarning)
+            warn_in_user_code(_skip_message(self.name, skipped, running, n), RuntimeWarning)
 
 
-def _skip_message(name: str, skipped: int, tensors: LayerTensors | None, observed: Observed | None) -> str:
-    running = [t for t in (tensors or LayerTensors(None, None, None, None, None))[:2] if t is not None]
+def _skip_message(name: str, skipped: int, running: tuple[Tensor | None, ...], n: int | None) -> str:
+    running = tuple(t for t in running if t is not None)
     if any(not bool(torch.isfinite(t).all()) for t in running):
         cause = ("its running statistics are already non-finite (a damaged checkpoint, or values written "
                  "without bnctl), so nothing can be averaged into them: rebuild them with "
                  "bnctl.recalibrate(model, data)")
-    elif isinstance(observed, BatchStats) and observed.n == 1:
+    elif n == 1:
         cause = "the batch has one value per channel, so no unbiased variance"
     else:
         cause = ("the batch statistics are non-finite: the layer's input holds NaN/Inf or overflows; batch "

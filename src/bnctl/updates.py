@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .apply import Selector, batchnorm_layers, hold, no_update_layers
-from .functional import Accumulator
 from .modules import check_controllable, check_materialized, display_name, is_uninitialized, layer_state
 from .state import LayerState, LayerTensors, Pools, Tape
+from .stats import Accumulator
 
 __all__ = ["snapshot", "restore", "accumulate", "checkpoint_context", "pooling", "unchanged"]
 
@@ -185,8 +185,8 @@ def _commit_pools(layer: nn.Module, state: LayerState) -> None:
         stats = pool.as_batch()
         if stats.n < 2:  # nothing pooled, or a single value: no variance to write
             continue
-        update, momentum = pools.updates[domain]
-        state.write(domain, LayerTensors.of(layer, domain), update, momentum, stats)
+        cumulative, momentum = pools.updates[domain]
+        state.write(domain, LayerTensors.of(layer, domain), cumulative, momentum, stats)
 
 
 def checkpoint_context(
@@ -244,8 +244,8 @@ class _Recording:
             self._stack = stack.pop_all()
 
     def _join(self, state: LayerState, stack: contextlib.ExitStack) -> None:
-        state.tapes.append(self.tape)
-        stack.callback(state.tapes.remove, self.tape)
+        state.join_tape(self.tape)
+        stack.callback(state.leave_tape, self.tape)
 
     def __exit__(self, *exc: object) -> None:
         stack, self._stack = self._stack, None
