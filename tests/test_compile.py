@@ -210,6 +210,28 @@ def test_nonfinite_batch_skipped_when_captured(preset, way, dynamo):
     assert not torch.equal(buffers(holder)["1.running_mean"], before["1.running_mean"])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("preset", [*UPDATING, "recalibrate"])
+def test_nonfinite_batch_skipped_under_inductor(preset, bad, dynamo):
+    """The guard survives inductor's rewrites (an arithmetic finiteness test such as ``x * 0 == 0`` is
+    constant-folded to True there: a NaN batch would be written). Float64, so the numbers compare tightly."""
+    eager, model = copies(preset, dtype=torch.float64)
+    fn = torch.compile(model, backend="inductor", fullgraph=True)
+    eager.train(), model.train()
+    good = [batch(seed, dtype=torch.float64) for seed in (1, 2)]
+    poisoned = batch(0, dtype=torch.float64)
+    poisoned[0, 0, 0, 0] = bad
+    fn(good[0]), eager(good[0])
+    before, before_eager = buffers(model), buffers(eager)  # (equal up to inductor's rounding)
+    fn(poisoned)
+    eager(poisoned)
+    assert_equal(buffers(model), before)  # nothing written, num_batches_tracked included
+    assert_equal(buffers(eager), before_eager)
+    torch.testing.assert_close(fn(good[1]), eager(good[1]), rtol=1e-12, atol=1e-12)
+    assert_close(buffers(model), buffers(eager), rtol=1e-12, atol=1e-12)
+    assert not torch.equal(buffers(model)["1.running_mean"], before["1.running_mean"])  # a good batch writes
+
+
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("preset", UPDATING)
 def test_trace_train_keeps_buffers_out_of_autograd(preset):
