@@ -35,6 +35,7 @@ test-integrations: $(INT_VENV)/.installed
 	TRITON_INTERPRET=1 $(INT_PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py
 
 bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_host.py
 	$(PY) benchmarks/bench_layers.py
 
 clean:
