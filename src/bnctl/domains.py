@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .apply import Selector, batchnorm_layers, revert
+from .fold import unfold
 from .frozen import is_frozen_batchnorm
 from .modules import control, display_name, layer_state, release
 from .state import AFFINE, DEFAULT, STATS, LayerTensors, domain_key, domains
@@ -90,8 +91,8 @@ def add_domains(
         lname, layer = frozen[0]
         raise ValueError(
             f"{display_name(lname, layer)}: a buffers-only {type(layer).__name__} cannot hold domains. Apply "
-            "a policy first (bnctl.apply(model, 'frozen') puts an equivalent bnctl.BatchNorm2d in its place), "
-            "or leave it out with exclude=..."
+            "a policy first (bnctl.apply(model, 'frozen') puts an equivalent bnctl.BatchNorm2d in its place, "
+            "whose domains last while the policy is applied), or leave it out with exclude=..."
         )
     for lname, layer in targets:
         clash = sorted(set(names) & set(domains(layer)))
@@ -174,7 +175,7 @@ def export_domain(model: nn.Module, name: str = DEFAULT) -> nn.Module:
     """A plain torch copy of ``model`` whose BatchNorm layers hold domain ``name``.
 
     The copy has PyTorch's own classes and state-dict keys (no domains, no
-    policies); the original is unchanged. Layers without that domain keep
+    policies, no fold); the original is unchanged. Layers without that domain keep
     their default statistics.
 
     Raises:
@@ -191,4 +192,5 @@ def export_domain(model: nn.Module, name: str = DEFAULT) -> nn.Module:
                 if target is not None and value is not None and target is not value:
                     target.copy_(value)
     remove_domains(exported)
+    unfold(exported)  # (a folded model's copy carries fold's forwards and hooks)
     return revert(exported)

@@ -272,3 +272,87 @@ def test_frozen_batchnorm2d_resnet18_folds_exactly():
     assert_same_buffers(buffers(model), before)
     handle.remove()
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+# -- where PyTorch and timm reach in (issue 20) -----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["timm_resnet18", "timm_efficientnet_b0"])
+@pytest.mark.parametrize("preset", ["frozen", "frozen_stats"])
+def test_timm_grad_checkpointing_trains_folded(name, preset):
+    """timm's set_grad_checkpointing runs its blocks under non-reentrant torch.utils.checkpoint inside the
+    model's forward: the folded model trains (no CheckpointError), exactly, with the blocks' pairs folded in
+    the forward and in its recomputation alike."""
+    build = {"timm_resnet18": lambda: timm.create_model("resnet18", pretrained=False, num_classes=CLASSES),
+             "timm_efficientnet_b0": BUILDERS["timm_efficientnet_b0"]}[name]
+    torch.manual_seed(0)
+    base = randomized_affine(warmed(no_dropout(build()))).double()
+    base.set_grad_checkpointing(True)
+    ref, model = applied(base, preset), applied(base, preset)
+    handle = bnctl.fold(model)
+    x = images(9, n=2, size=64).double()
+    for _ in range(2):
+        assert_same(run(model, x, True), run(ref, x, True))
+    assert any(p.folded for p in handle.pairs if p[0] != "conv1" and p[0] != "conv_stem")  # inside checkpoints
+    handle.remove()
+
+
+@pytest.mark.parametrize("swap", ["timm_freeze_batch_norm_2d", "convert_sync_batchnorm"])
+@pytest.mark.parametrize("name", ["tv_resnet18", "timm_efficientnet_b0"])
+def test_a_batchnorm_swapped_after_folding_is_normalized_once(name, swap):
+    """timm's freeze_batch_norm_2d and nn.SyncBatchNorm.convert_sync_batchnorm put new layers in place of the
+    folded ones: those pairs run unfolded (and say why), the output is the swapped unfolded model's."""
+    from timm.layers import freeze_batch_norm_2d
+
+    convert = {"timm_freeze_batch_norm_2d": freeze_batch_norm_2d,
+               "convert_sync_batchnorm": nn.SyncBatchNorm.convert_sync_batchnorm}[swap]
+    model = model_of(name)
+    handle = bnctl.fold(model)
+    model = convert(model).eval()
+    ref = convert(model_of(name)).eval()
+    assert_same(run(model, X, False), run(ref, X, False))
+    reasons = handle.unfolded()
+    swapped = [p for p in handle.pairs if "was replaced since folding" in (p.reason or "")]
+    assert swapped and len(swapped) == len(reasons)
+    handle.remove()
+
+
+def test_export_domain_of_a_folded_torchvision_model_is_plain():
+    model = model_of("tv_resnet18")
+    bnctl.add_domains(model, "target")
+    bnctl.fold(model)
+    exported = bnctl.export_domain(model, "target")
+    assert all("forward" not in m.__dict__ and not m._forward_hooks and not m._forward_pre_hooks
+               for m in exported.modules())
+    assert all(type(m) is nn.BatchNorm2d for m in exported.modules() if isinstance(m, _BatchNorm))
+    with torch.no_grad(), bnctl.domain(model, "target"):
+        torch.testing.assert_close(exported(X), model(X), **EXACT)
+
+
+def test_resnet50_frozen_stats_folded_saves_what_frozen_batchnorm2d_saves():
+    """The memory folding exists for (benchmarks/bench_memory.py measures it at 224 px): bytes of the distinct
+    storages autograd saves, the model's own parameters and buffers left out, at 64 px."""
+
+    def saved(model: nn.Module, x: torch.Tensor) -> int:
+        own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s.data_ptr() not in own:
+                storages[s.data_ptr()] = s.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(storages.values())
+
+    x = images(3, n=2, size=64)
+    frozen = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d).train()
+    baseline = saved(frozen, x)
+    for preset, limit in (("frozen", 1.0), ("frozen_stats", 1.05)):
+        model = torchvision.models.resnet50(weights=None).train()
+        bnctl.apply(model, preset)
+        assert saved(model, x) <= limit * baseline or preset == "frozen_stats"
+        bnctl.fold(model)
+        assert saved(model, x) <= limit * baseline, preset
