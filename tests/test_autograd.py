@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bnctl.autograd import normalize_with_stats
+from bnctl.autograd import normalize_constant_affine, normalize_with_stats
 from conftest import make_inputs
 
 
@@ -45,3 +45,24 @@ def test_channels_last_and_bfloat16():
     assert yb.dtype == torch.bfloat16
     yb.backward(torch.randn_like(yb))
     assert xb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_constant_affine_is_the_eval_kernel_to_second_order(affine):
+    """``frozen``'s normalization keeps per-channel tensors, not x: the eval kernel's output and input
+    gradient bit for bit, gradcheck and gradgradcheck in float64 (gradient penalties through a frozen
+    backbone), and only per-channel tensors saved."""
+    x, rm, rv, w, b = make_inputs((4, 3, 5, 5))
+    w, b = (w.detach(), b.detach()) if affine else (None, None)
+    g = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    y = normalize_constant_affine(x, rm, rv, w, b, 1e-5)
+    x2 = x.detach().clone().requires_grad_(True)
+    want = torch.nn.functional.batch_norm(x2, rm, rv, w, b, False, 0.0, 1e-5)
+    assert torch.equal(y, want)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(want, x2, g)[0])
+    assert torch.autograd.gradcheck(lambda t: normalize_constant_affine(t, rm, rv, w, b, 1e-5), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: normalize_constant_affine(t, rm, rv, w, b, 1e-5), (x,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        normalize_constant_affine(x, rm, rv, w, b, 1e-5)
+    assert saved and max(saved) == 3

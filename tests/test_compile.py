@@ -250,15 +250,31 @@ def test_trace_train_keeps_buffers_out_of_autograd(preset):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "recalibrate"])
 def test_export_matches_eager(preset, mode):
     eager, model = copies(preset)
     getattr(eager, mode)()
     getattr(model, mode)()
-    x = batch(0)
-    exported = torch.export.export(model, (x,)).module()
-    assert torch.equal(exported(x), eager(x))
-    assert_close(buffers(exported), buffers(eager), **ULPS)
+    exported = torch.export.export(model, (batch(0),)).module()
+    for seed in range(3):  # several batches: whatever the graph keeps across calls must be in its buffers
+        x = batch(seed)
+        assert torch.equal(exported(x), eager(x))
+        assert_close(buffers(exported), buffers(eager), **ULPS)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("way", ["export", "trace"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_cumulative_average_is_not_captured(way, mode):
+    """Its running sums live outside the buffers: a traced or exported graph would keep them as constants
+    and average only its last batch (it did), so capturing one raises, naming the layer and the fix."""
+    (model,) = copies("recalibrate", n=1)
+    getattr(model, mode)()
+    with pytest.raises(RuntimeError, match=r"^1: a cumulative average keeps its running sums outside"):
+        if way == "export":
+            torch.export.export(model, (batch(0),))
+        else:
+            torch.jit.trace(model, (batch(0),), check_trace=False)
 
 
 # -- torch.func ------------------------------------------------------------------------------
@@ -361,3 +377,59 @@ def test_frozen_affine_gets_no_grad_after_requires_grad():
         assert g is None or torch.equal(g, torch.zeros_like(g)), name
     for name in ("0.weight", "3.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+# -- blends and float64 under capture (issue 21) ------------------------------------------------
+
+BLEND = bnctl.Policy(0.4, "ema", 0.6, "none", learn_affine=True, name="blend")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("preset", ["running_update", "renorm", BLEND], ids=str)
+def test_trace_float64_updates_exactly_as_eager(preset):
+    """A traced size is a tensor: n / (n - 1) once became a float32 factor (running_var off by 1e-9).
+    (A traced blend normalizes with composed ops, equal up to rounding: see the export test below.)"""
+    tol = dict(rtol=1e-13, atol=1e-13) if preset is BLEND else dict(rtol=0, atol=0)
+    eager, model = copies(preset, dtype=torch.float64)
+    eager.train(), model.train()
+    saved = buffers(model)
+    traced = torch.jit.trace(model, (batch(0, dtype=torch.float64),), check_trace=False)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(saved[k])
+        for seed in range(3):
+            x = batch(seed, dtype=torch.float64)
+            torch.testing.assert_close(traced(x), eager(x), **tol)
+    assert_close(buffers(model), buffers(eager), **tol)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_export_of_a_blend_whose_affine_learns_gives_eager_outputs_and_gradients(mode):
+    eager, model = copies(BLEND, dtype=torch.float64)
+    getattr(eager, mode)(), getattr(model, mode)()
+    x = batch(0, dtype=torch.float64)
+    exported = torch.export.export(model, (x,)).module()
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    g = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y_eager, y_exported = eager(xs[0]), exported(xs[1])
+    torch.testing.assert_close(y_exported, y_eager, rtol=1e-12, atol=1e-12)
+    y_eager.backward(g), y_exported.backward(g)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-10, atol=1e-12)
+    want = eager_grads(eager)
+    for k, p in exported.named_parameters():
+        torch.testing.assert_close(p.grad, want[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert_close(buffers(exported), buffers(eager), rtol=1e-13, atol=1e-13)
+
+
+def test_vmap_of_a_blend_matches_each_model():
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models += copies(BLEND, n=1)
+    models = [m.train() for m in models]
+    refs = copy.deepcopy(models)
+    x = batch(0)
+    y, bufs = vmapped_forward(models, x)
+    torch.testing.assert_close(y, torch.stack([r(x) for r in refs]), rtol=0, atol=1e-6)
+    for i, ref in enumerate(refs):
+        assert_close({k: v[i] for k, v in bufs.items()}, buffers(ref), atol=1e-6)

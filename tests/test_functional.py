@@ -307,3 +307,58 @@ def test_batch_norm_updates_in_place_like_torch():
     x[0, 0] = math.nan
     batch_norm(x, rm, rv, mode=Mode("batch", "ema"), num_batches_tracked=nbt)
     assert torch.equal(rm, ref_rm) and int(nbt) == 1
+
+
+@pytest.mark.parametrize("mode, error, match", [
+    ("batch", TypeError, r"^batch_norm: expected mode=bnctl.Mode\(normalize, update\).*got 'batch'"),
+    (None, TypeError, r"^batch_norm: expected mode=bnctl.Mode"),
+    (("batchh", "ema"), ValueError, r"^batch_norm: Mode.normalize: expected one of .*got 'batchh'"),
+    (("batch", "emaa"), ValueError, r"^batch_norm: Mode.update: expected one of .*got 'emaa'"),
+    ((1.5, "none"), ValueError, r"^batch_norm: Mode.normalize: a blend weight must lie in \[0, 1\]"),
+])
+def test_batch_norm_says_what_a_mode_is(mode, error, match):
+    with pytest.raises(error, match=match):
+        batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), mode=mode)
+
+
+def test_batch_norm_names_bad_shapes():
+    with pytest.raises(ValueError, match=r"^batch_norm: expected an input of shape \(N, C, \*\), got shape \(4,\)"):
+        batch_norm(torch.randn(4), torch.zeros(3), torch.ones(3), mode=Mode("batch", "ema"))
+    rm = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"^batch_norm: expected running_mean of 5 values .* got 3"):
+        batch_norm(torch.randn(4, 5), rm, torch.ones(3), mode=Mode("batch", "ema"))
+    with pytest.raises(ValueError, match=r"^batch_norm: expected weight of 3 values"):
+        batch_norm(torch.randn(4, 3), rm, torch.ones(3), torch.ones(2), mode=Mode("running", "none"))
+
+
+def test_batch_norm_counts_an_empty_batch_as_torch_does():
+    """nn.BatchNorm counts every train() forward in num_batches_tracked, an empty one too (with
+    momentum=None the next average depends on it); the statistics stay."""
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(4)
+    y = batch_norm(torch.randn(0, 3), rm, rv, mode=Mode("batch", "ema"), momentum=None, num_batches_tracked=nbt)
+    assert y.shape == (0, 3) and int(nbt) == 5 and torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    batch_norm(torch.randn(0, 3), rm, rv, mode=Mode("batch", "none"), num_batches_tracked=nbt)
+    assert int(nbt) == 5  # nothing was due
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("buffers", ["float32", "same"])
+def test_blend_statistics_of_half_inputs_are_reduced_in_float32(dtype, buffers):
+    """As PyTorch's kernels: a blend's running statistics are as close to the float64 reduction of the
+    same values as PyTorch's own (float32 buffers: float32 rounding; half buffers: one rounding)."""
+    from torch import nn
+
+    import bnctl
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 8, 8, 8) * 0.5 + 30).to(dtype)
+    buffer_dtype = dtype if buffers == "same" else torch.float32
+    ours = nn.BatchNorm2d(8).to(buffer_dtype)
+    bnctl.apply(ours, bnctl.Policy(0.5, "ema", "running", "none", momentum=1.0))
+    native = nn.BatchNorm2d(8, momentum=1.0).to(buffer_dtype)
+    ours.train()(x)
+    native.train()(x.to(buffer_dtype))
+    for key, want in (("running_mean", x.double().mean((0, 2, 3))), ("running_var", x.double().var((0, 2, 3)))):
+        error = ((getattr(ours, key).double() - want).abs() / want.abs()).max()
+        torch_error = ((getattr(native, key).double() - want).abs() / want.abs()).max()
+        assert error <= 2 * torch_error + 2e-7, key

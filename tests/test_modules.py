@@ -280,13 +280,19 @@ def test_non_finite_batch_never_reaches_buffers(preset):
     assert int(bn.num_batches_tracked) == 100 + updates
 
 
-def test_empty_batch_updates_nothing():
+def test_an_empty_batch_is_counted_as_torch_counts_it():
+    """nn.BatchNorm counts every train() forward, an empty one too (with momentum=None the next average
+    depends on the count); the statistics stay."""
     bn = pretrained("torch").train()
-    before = copy.deepcopy(bn.state_dict())
+    native = nn.BatchNorm2d(3).train()
+    native.load_state_dict(bn.state_dict())
     y = bn(torch.randn(0, 3, 4, 4))
-    assert y.shape == (0, 3, 4, 4)
-    for k, v in bn.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    assert y.shape == native(torch.randn(0, 3, 4, 4)).shape == (0, 3, 4, 4)
+    for (k, v), w in zip(bn.state_dict().items(), native.state_dict().values()):
+        assert torch.equal(v, w), k
+    with bnctl.no_update(bn):  # nothing is due: nothing counted
+        bn(torch.randn(0, 3, 4, 4))
+    assert torch.equal(bn.num_batches_tracked, native.num_batches_tracked)
 
 
 def test_wrong_channels_and_dims_are_clear():
@@ -442,13 +448,14 @@ def test_unregister_subclass():
         bnctl.unregister_subclass(BatchNormAct2d)
 
 
-def test_renorm_on_an_empty_batch_updates_nothing():
+def test_renorm_on_an_empty_batch_writes_no_statistics():
     bn = pretrained("renorm").train()
     before = copy.deepcopy(bn.state_dict())
     y = bn(torch.randn(0, 3, 4, 4))
     assert y.shape == (0, 3, 4, 4)
     for k, v in bn.state_dict().items():
-        assert torch.equal(v, before[k]), k
+        want = before[k] + 1 if k == "num_batches_tracked" else before[k]  # counted, as an EMA's empty batch
+        assert torch.equal(v, want), k
 
 
 def test_a_forward_under_inference_mode_leaves_no_inference_tensors_behind():

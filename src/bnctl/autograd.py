@@ -1,6 +1,6 @@
 """Autograd functions of bnctl.
 
-One function lives here: normalization with given per-channel statistics,
+Two functions live here. Normalization with given per-channel statistics,
 
 .. math:: y = (x - \\mu) \\cdot \\frac{w}{\\sqrt{\\sigma^2 + \\epsilon}} + b
 
@@ -9,7 +9,9 @@ gradients of ``mu`` and ``sigma2`` (PyTorch's kernel treats them as constants).
 With statistics computed from the batch by differentiable torch ops, autograd
 chains through it to give blended ("prior") BatchNorm its gradient. Constant
 statistics (the running buffers) go through PyTorch's own kernel instead,
-which measured faster on the CPU (see benchmarks/).
+which measured faster on the CPU (see benchmarks/). And that kernel where
+nothing but the input takes a gradient (``frozen``), keeping per-channel
+tensors for backward instead of the input (:func:`normalize_constant_affine`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from .stats import reduce_dims
 
-__all__ = ["normalize_with_stats"]
+__all__ = ["normalize_constant_affine", "normalize_with_stats"]
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -47,8 +49,9 @@ class _NormalizeWithStats(torch.autograd.Function):
         x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> Tensor:
         # PyTorch's own eval-mode kernel: the output is bit-identical to
-        # F.batch_norm(..., training=False) with these statistics.
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        # F.batch_norm(..., training=False) with these statistics. (Detached: the kernel refuses
+        # statistics that require grad where a tracer runs this forward with autograd on: torch.export.)
+        return F.batch_norm(x, mean.detach(), var.detach(), weight, bias, False, 0.0, eps)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -96,6 +99,7 @@ def normalize_with_stats(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    composed: bool = False,
 ) -> Tensor:
     """Normalize ``x`` with the given per-channel statistics, then scale and shift.
 
@@ -113,6 +117,10 @@ def normalize_with_stats(
         weight: ``(C,)`` scale, or ``None``.
         bias: ``(C,)`` shift, or ``None``.
         eps: added to the variance.
+        composed: compute with plain differentiable ops instead of PyTorch's kernel and a custom
+            backward: for exporters and ``torch.jit.trace`` (which record the forward's ops and would
+            drop the backward) and ``torch.func`` transforms (``vmap`` has no rule for a custom
+            function); the same values up to rounding, the same gradients.
 
     Returns:
         A tensor of the shape, dtype and memory format of ``x``.
@@ -123,4 +131,47 @@ def normalize_with_stats(
         >>> torch.allclose(y, x / 2)
         True
     """
+    if composed:
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        return x * _channel_view(scale, x.dim()).to(x.dtype) + _channel_view(shift, x.dim()).to(x.dtype)
     return _NormalizeWithStats.apply(x, mean, var, weight, bias, eps)
+
+
+class _ConstantAffine(torch.autograd.Function):
+    """Normalization with running statistics whose affine takes no gradient (``frozen``): PyTorch's eval
+    kernel, forward and backward (bit-identical to it, as captured code that runs the kernel itself),
+    keeping only the per-channel ``weight`` and ``var`` for backward where the kernel keeps ``x`` too:
+    in eval, the input gradient ``dy * weight / sqrt(var + eps)`` does not depend on ``x`` (the kernel
+    gets ``dy`` in its place). As torchvision's FrozenBatchNorm2d, nothing of the activation is kept."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                eps: float) -> Tensor:
+        # (ctx in forward, no setup_context: Function.apply then skips binding the arguments with
+        # inspect.signature, most of its host cost; this runs eagerly only, never under torch.func.)
+        ctx.save_for_backward(weight, var)
+        ctx.eps = eps
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch._C._get_cudnn_enabled())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight, var = ctx.saved_tensors  # (the mean does not enter the input gradient: var stands in for it)
+        grad_x = torch.ops.aten.native_batch_norm_backward(grad, grad, weight, var, var, None, None, False, ctx.eps,
+                                                           [True, False, False])[0]
+        return grad_x, None, None, None, None, None
+
+
+def normalize_constant_affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                              eps: float) -> Tensor:
+    """PyTorch's eval-mode BatchNorm of ``x`` where nothing but ``x`` takes a gradient (``frozen``):
+    the kernel's output and input gradient, bit for bit (to any order), keeping only per-channel
+    tensors for backward where the kernel would keep ``x`` too."""
+    return _apply_constant_affine(x, mean, var, weight, bias, eps)
+
+
+# The C implementation that Function.apply ends in, without its Python preamble (argument binding and
+# functorch's unwrapping, which eager code outside any transform does not need): most of the host cost.
+_apply_constant_affine = super(torch.autograd.Function, _ConstantAffine).apply

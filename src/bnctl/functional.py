@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import context
-from .autograd import normalize_with_stats
+from .autograd import normalize_constant_affine, normalize_with_stats
 from .distributed import stats_dtype, sync_normalize
 from .guard import Status, keep_if_finite_, write_running_, write_staged_
 from .policy import (
@@ -38,6 +38,8 @@ from .policy import (
     Mode,
     Step,
     check_eps,
+    check_normalize,
+    check_update,
     for_batch,
     kinds,
     make_step,
@@ -97,7 +99,11 @@ def normalize(
         if ((into is not None or observe) and (x.requires_grad or weight is not None and weight.requires_grad)
                 and torch.is_grad_enabled()):
             mean, var = before.unbind() if before is not None else _snapshot(mean, var, ctx)
-        out = _kernel(x, mean, var, weight, bias, False, 0.0, eps, ctx)
+        if (not ctx and (weight is None or not weight.requires_grad) and (bias is None or not bias.requires_grad)
+                and x.requires_grad and not mean.requires_grad and torch.is_grad_enabled()):
+            out = normalize_constant_affine(x, mean, var, weight, bias, eps)  # keeps per-channel tensors, not x
+        else:
+            out = _kernel(x, mean, var, weight, bias, False, 0.0, eps, ctx)
         if into is not None and ctx:  # captured: the training kernel, whose schema declares its writes (the
             torch.ops.aten._native_batch_norm_legit(x.detach(), None, None, into[0], into[1], True, momentum,
                                                     eps)  # stats kernel's does not: compilers would drop them)
@@ -122,7 +128,7 @@ def normalize(
         if into is not None:  # the kernel normalizes with the batch's statistics and updates `into`
             return _kernel(x, into[0], into[1], w, b, True, momentum, eps, ctx), None
         return _kernel(x, None, None, w, b, True, 0.0, eps, ctx), stats if observe else None
-    return _blend(x, alpha, running_mean, running_var, weight, bias, eps, observe)
+    return _blend(x, alpha, running_mean, running_var, weight, bias, eps, observe, ctx)
 
 
 def stages(how: int, momentum: float | None, ctx: int) -> bool:
@@ -249,13 +255,17 @@ def _renorm_affine(r: Tensor, d: Tensor, weight: Tensor | None, bias: Tensor | N
 
 def _blend(
     x: Tensor, alpha: float, running_mean: Tensor, running_var: Tensor,
-    weight: Tensor | None, bias: Tensor | None, eps: float, observe: bool,
+    weight: Tensor | None, bias: Tensor | None, eps: float, observe: bool, ctx: int = context.EAGER,
 ) -> tuple[Tensor, BatchStats | None]:
-    """``alpha * batch + (1 - alpha) * running`` statistics, gradient through the batch part."""
-    var_b, mean_b = torch.var_mean(x, reduce_dims(x.dim()), unbiased=False)
-    mean = alpha * mean_b + (1.0 - alpha) * running_mean
-    var = alpha * var_b + (1.0 - alpha) * running_var
-    out = normalize_with_stats(x, mean, var, weight, bias, eps)
+    """``alpha * batch + (1 - alpha) * running`` statistics, gradient through the batch part.
+
+    Statistics of a float16/bfloat16 input are reduced in float32, as PyTorch's kernels reduce them."""
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    var_b, mean_b = torch.var_mean(xs, reduce_dims(x.dim()), unbiased=False)
+    mean = (alpha * mean_b + (1.0 - alpha) * running_mean).to(running_mean.dtype)  # (the kernel takes the
+    var = (alpha * var_b + (1.0 - alpha) * running_var).to(running_var.dtype)  # parameters' dtype)
+    out = normalize_with_stats(x, mean, var, weight, bias, eps,
+                               composed=bool(ctx & (context.EXPORTING | context.TRANSFORMED)))
     return out, BatchStats(mean_b.detach(), var_b.detach(), values_per_channel(x)) if observe else None
 
 
@@ -328,7 +338,14 @@ def batch_norm(
         >>> torch.allclose(y, x / (1 + 1e-5) ** 0.5), bool((rm != 0).all())
         (True, True)
     """
-    step = mode if isinstance(mode, Step) else make_step(Mode(*mode), momentum)
+    step = _step_of(mode, momentum)
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm: expected an input of shape (N, C, *), got shape {tuple(x.shape)}. Add the "
+                         "batch dimension (x.unsqueeze(0)) or the channel dimension (x.unsqueeze(1)).")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != x.shape[1]:
+            raise ValueError(f"batch_norm: expected {name} of {x.shape[1]} values (one per channel of the input of "
+                             f"shape {tuple(x.shape)}), got {t.numel()}.")
     how, update = kinds(step)
     has_running = running_mean is not None and running_var is not None
     if not has_running and (how != BATCH or update != NO_UPDATE):
@@ -341,8 +358,12 @@ def batch_norm(
                          "accumulator=bnctl.Accumulator.empty(num_features).")
     if how != RUNNING:
         check_eps(eps, "batch_norm")
-    how, update = for_batch(how, update, values_per_channel(x), fallback=step.fallback,
-                            has_running_stats=has_running, name="batch_norm", got=f"input of shape {tuple(x.shape)}")
+    n = values_per_channel(x)
+    due = update
+    how, update = for_batch(how, update, n, fallback=step.fallback, has_running_stats=has_running, name="batch_norm",
+                            got=f"input of shape {tuple(x.shape)}")
+    if n == 0 and due == EMA and num_batches_tracked is not None:  # counted, as nn.BatchNorm counts it
+        num_batches_tracked.add_(1)
     ctx = context.current()
     limits = renorm_limits(*step.renorm, num_batches_tracked) if how == RENORM and step.renorm else None
     alpha = float(step.normalize) if how == BLEND else 1.0
@@ -356,3 +377,20 @@ def batch_norm(
     write_running_(running_mean, running_var, num_batches_tracked, stats, step.momentum,
                    accumulator if update == CUMULATIVE else None, ctx=ctx)
     return out
+
+
+def _step_of(mode: Any, momentum: float | None) -> Step:
+    """:func:`batch_norm`'s ``mode`` as a :class:`~bnctl.policy.Step`, or an error that says what a mode is."""
+    if isinstance(mode, Step):
+        return mode
+    if not isinstance(mode, tuple) or len(mode) != 2:
+        raise TypeError(f"batch_norm: expected mode=bnctl.Mode(normalize, update) or a bnctl.policy.Step, got "
+                        f"{mode!r}. For example mode=bnctl.Mode('batch', 'ema').")
+    mode = Mode(*mode)
+    try:
+        check_normalize(mode.normalize, "Mode.normalize")
+        check_update(mode.update, "Mode.update")
+    except ValueError as err:
+        raise ValueError(f"batch_norm: {err}") from None
+    return make_step(mode, momentum)
+

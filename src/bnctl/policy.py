@@ -39,6 +39,8 @@ __all__ = [
     "get_policy",
     "make_plan",
     "check_eps",
+    "check_normalize",
+    "check_update",
     "for_batch",
     "kinds",
     "make_step",
@@ -70,25 +72,27 @@ class Mode(NamedTuple):
     update: Update
 
 
-def _check_normalize(value: object, field: str) -> None:
+def check_normalize(value: object, field: str) -> None:
+    """Raise, naming ``field``, unless ``value`` is a normalize kind or a blend weight in [0, 1]."""
     if isinstance(value, bool) or not (
         value in _NORMALIZE_NAMES or isinstance(value, (int, float))
     ):
         raise ValueError(
-            f"Policy.{field}: expected one of {_NORMALIZE_NAMES} or a blend weight "
+            f"{field}: expected one of {_NORMALIZE_NAMES} or a blend weight "
             f"in [0, 1], got {value!r}."
         )
     if isinstance(value, (int, float)) and not 0.0 <= float(value) <= 1.0:
         raise ValueError(
-            f"Policy.{field}: a blend weight must lie in [0, 1] "
+            f"{field}: a blend weight must lie in [0, 1] "
             f"(1 = batch statistics, 0 = running statistics), got {value!r}."
         )
 
 
-def _check_update(value: object, field: str) -> None:
+def check_update(value: object, field: str) -> None:
+    """Raise, naming ``field``, unless ``value`` is an update kind."""
     if value not in _UPDATE_NAMES:
         raise ValueError(
-            f"Policy.{field}: expected one of {_UPDATE_NAMES}, got {value!r}."
+            f"{field}: expected one of {_UPDATE_NAMES}, got {value!r}."
         )
 
 
@@ -163,10 +167,10 @@ class Policy:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        _check_normalize(self.train_normalize, "train_normalize")
-        _check_normalize(self.eval_normalize, "eval_normalize")
-        _check_update(self.train_update, "train_update")
-        _check_update(self.eval_update, "eval_update")
+        check_normalize(self.train_normalize, "Policy.train_normalize")
+        check_normalize(self.eval_normalize, "Policy.eval_normalize")
+        check_update(self.train_update, "Policy.train_update")
+        check_update(self.eval_update, "Policy.eval_update")
         if self.learn_affine not in (None, True, False):
             raise ValueError(
                 f"Policy.learn_affine: expected True, False or None, got {self.learn_affine!r}."

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from . import context
 from .context import batched
-from .distributed import active
+from .distributed import across_ranks, active, check_agreement, fingerprint
+from .distributed import layer as synchronized_layer
 from .functional import Limits, normalize, renorm_limits, stages, update_in_kernel
 from .guard import Status, copy_if_finite_, write_running_
 from .policy import (
@@ -52,7 +53,7 @@ from .policy import (
     kinds,
     make_plan,
 )
-from .stats import Accumulator, BatchAverage, BatchStats, ema_weight, global_stats, values_per_channel
+from .stats import Accumulator, BatchAverage, BatchStats, batch_stats, ema_weight, global_stats, values_per_channel
 
 __all__ = [
     "AFFINE",
@@ -141,7 +142,9 @@ class Forward(NamedTuple):
     records or replays the layer; a ``replayed`` forward carries the
     ``running`` statistics and Batch Renormalization ``limits`` the first one
     used, runs the same ops (autograd must save the same tensors) and writes
-    nothing.
+    nothing. ``counts_empty``: an empty batch where an EMA update was due,
+    which ``num_batches_tracked`` counts (as PyTorch counts every train()
+    forward, an EMA with ``momentum=None`` depends on it) and nothing else.
     """
 
     step: Step
@@ -158,6 +161,7 @@ class Forward(NamedTuple):
     running: tuple[Tensor, Tensor] | None = None
     limits: Limits | None = None
     replayed: bool = False
+    counts_empty: bool = False
 
     @property
     def folds(self) -> bool:
@@ -308,6 +312,7 @@ class LayerState:
     base_accumulators: dict[str, Accumulator] = field(default_factory=dict)
     counts: UpdateCounts = field(default_factory=UpdateCounts)
     _program: Program | None = field(default=None, repr=False)
+    _agreement: tuple[Any, Any, Any] = field(default=(None, None, None), repr=False)  # see _global_stats
 
     def __setattr__(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)
@@ -318,7 +323,8 @@ class LayerState:
         """Copies and pickles keep policies, accumulators and counts, but not the scopes the
         original is in (those end with the original's ``with`` blocks) nor process groups."""
         state = dict(self.__dict__)
-        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tapes=[], replay=None, _program=None)
+        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tapes=[], replay=None, _program=None,
+                     _agreement=(None, None, None))
         # A process group belongs to this process (it does not pickle): copies sync over the layer's
         # own group or the world group.
         state["policies"] = [dataclasses.replace(a, process_group=None) for a in self.policies]
@@ -470,7 +476,8 @@ class LayerState:
         if (normalize, update) == (forward.normalize, forward.update):
             return forward
         return forward._replace(normalize=normalize, update=update, staged=False, group=None,
-                                pool=forward.pool and update != NO_UPDATE)
+                                pool=forward.pool and update != NO_UPDATE,
+                                counts_empty=n == 0 and forward.update == EMA and not forward.pool)
 
     def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
         """The layer's forward: :meth:`decide`, normalize (:func:`bnctl.functional.normalize`), and write
@@ -486,8 +493,10 @@ class LayerState:
         if forward.running is not None:
             running_mean, running_var = forward.running
         if forward.detach_affine:  # frozen means frozen, whatever requires_grad says
-            weight = None if weight is None else weight.detach()
-            bias = None if bias is None else bias.detach()
+            if weight is not None and weight.requires_grad:
+                weight = weight.detach()
+            if bias is not None and bias.requires_grad:
+                bias = bias.detach()
         limits = forward.limits
         if forward.normalize == RENORM and limits is None:
             limits = renorm_limits(*forward.step.renorm, buffers[count_key])  # type: ignore[misc]
@@ -495,6 +504,8 @@ class LayerState:
         if forward.group is not None:
             return self._synced(layer, forward, args, limits, ctx)
         if forward.update == NO_UPDATE:
+            if forward.counts_empty and not forward.replayed and buffers[count_key] is not None:
+                buffers[count_key].add_(1)
             return normalize(*args, alpha=forward.alpha, limits=limits, ctx=ctx)[0]
         count = buffers[count_key]
         if forward.staged:
@@ -514,16 +525,50 @@ class LayerState:
 
     def _synced(self, layer: nn.Module, forward: Forward, args: tuple, limits: Limits | None, ctx: int) -> Tensor:
         """A forward whose batch statistics span the ranks of ``forward.group``: one collective gives them,
-        then the batch rules apply to every rank's batch together (so every rank takes the same branch)."""
+        then the batch rules apply to every rank's batch together (so every rank takes the same branch).
+
+        Eagerly, every rank is checked to run this layer the same way (:meth:`_global_stats`); a collective that
+        fails is re-raised naming this layer. Captured code (compile, export, trace) is not checked.
+        """
         x = args[0]
-        stats = global_stats(x, forward.group, ctx)
-        forward = self.for_batch(forward, stats.n, "1 value per channel over all ranks of the process group",
-                                 layer)._replace(group=forward.group)
-        out, _ = normalize(*args[:1], forward.normalize, *args[2:], alpha=forward.alpha, limits=limits,
-                           observe=forward.update != NO_UPDATE, group=forward.group, stats=stats, ctx=ctx)
+        token = None if ctx else synchronized_layer.set(self.name)
+        try:
+            stats = global_stats(x, forward.group, ctx) if ctx else self._global_stats(layer, forward, x)
+            forward = self.for_batch(forward, stats.n, "1 value per channel over all ranks of the process group",
+                                     layer)._replace(group=forward.group)
+            out, _ = normalize(*args[:1], forward.normalize, *args[2:], alpha=forward.alpha, limits=limits,
+                               observe=forward.update != NO_UPDATE, group=forward.group, stats=stats, ctx=ctx)
+        finally:
+            if token is not None:
+                synchronized_layer.reset(token)
         if forward.update != NO_UPDATE and not forward.replayed:
             self.commit(layer, forward, stats, ctx)
         return out
+
+    def _global_stats(self, layer: nn.Module, forward: Forward, x: Tensor) -> BatchStats:
+        """:func:`~bnctl.stats.global_stats` of ``x``, raising on every rank unless every rank of the group runs
+        this layer the same way: the layer's :func:`~bnctl.distributed.fingerprint` (name, channels, mode) rides
+        in the statistics' collective, at no extra collective. Before the layer's first one (per channel count
+        and process group), where ranks running different layers could pair collectives of different sizes and
+        abort the process, one small collective of fixed size compares the fingerprints first
+        (:func:`~bnctl.distributed.check_agreement`).
+
+        ``_agreement`` keeps (the channels and group checked so, then per mode, eval and train, the program, the
+        channels and the fingerprint built for them): rebuilt when the program is settled again, without a
+        collective. Set without ``__setattr__``, which would drop the program.
+        """
+        checked, *tags = self._agreement
+        channels, group = x.shape[1], forward.group
+        entry = tags[layer.training]
+        if entry is None or entry[0] is not self._program or entry[1] != channels or entry[2].device != x.device:
+            entry = (self._program, channels, fingerprint(self.name, channels, forward.normalize, forward.update,
+                                                          forward.step.momentum, forward.alpha, x.device))
+            tags[layer.training] = entry
+            object.__setattr__(self, "_agreement", (checked, *tags))
+        if checked is None or checked[0] != channels or checked[1] is not group:
+            check_agreement(group, self.name, entry[2])
+            object.__setattr__(self, "_agreement", ((channels, group), *tags))
+        return BatchStats(*across_ranks(*batch_stats(x), group, tag=entry[2], name=self.name))
 
     def _taped(self, layer: nn.Module, forward: Forward) -> Forward:
         """Under an activation checkpoint: a recomputation replays what the first forward did (the running
@@ -555,6 +600,11 @@ class LayerState:
         pools, domain = self.pools, forward.domain
         if pools is None:  # (a forward decided inside a block that has ended)
             return
+        if ctx & context.EXPORTING:
+            raise RuntimeError(
+                f"{self.name}: an accumulate/recalibrate block pools statistics outside the module's buffers, "
+                "which a traced or exported graph would hold as constants. Trace or export outside the block."
+            )
         pool = pools.by_domain.get(domain)
         if pool is None:
             pool = _inference_safe(pools.kind.empty, layer.num_features, stats.mean.device)
@@ -575,6 +625,13 @@ class LayerState:
                     f"{self.name}: a cumulative average keeps its running sums outside the module's buffers, "
                     "so torch.func.vmap cannot give each model its own. Under vmap use a policy with an EMA "
                     "update (momentum a float), or recalibrate each model outside the transform."
+                )
+            if ctx & context.EXPORTING:
+                raise RuntimeError(
+                    f"{self.name}: a cumulative average keeps its running sums outside the module's buffers, "
+                    "so a traced or exported graph would hold them as constants and average only its last "
+                    "batch. Export the model in eval() or under a policy whose train() update is an EMA, and "
+                    "compute population statistics eagerly with bnctl.recalibrate(model, data)."
                 )
             accumulator = self.accumulators.get(domain)
             if accumulator is None:

@@ -117,11 +117,15 @@ def ema_weight(momentum: float | None, num_batches_tracked: Tensor | None, ctx: 
 
 def unbiased(stats: BatchStats) -> Tensor:
     """The batch's unbiased variance; undefined (NaN) for one value per channel."""
-    return stats.var * (stats.n / (stats.n - 1) if stats.n > 1 else math.nan)
+    n = stats.n
+    if isinstance(n, Tensor):  # a size as torch.jit.trace records it: divide in float64, as Python does
+        return stats.var * (n.double() / (n - 1) if n > 1 else math.nan)
+    return stats.var * (n / (n - 1) if n > 1 else math.nan)
 
 
 def ema(running_mean: Tensor, running_var: Tensor, stats: BatchStats, weight: float | Tensor) -> Tensor:
-    """New running ``[mean; var]`` as a ``(2, C)`` tensor: the EMA with this batch.
+    """New running ``[mean; var]`` as a ``(2, C)`` tensor: the EMA with this batch, computed in at least
+    float32 (the guard rounds it to the buffers' dtype once, as PyTorch's kernels do).
 
     Example:
         >>> stats = BatchStats(torch.full((2,), 4.0), torch.full((2,), 3.0), 4)
@@ -129,10 +133,11 @@ def ema(running_mean: Tensor, running_var: Tensor, stats: BatchStats, weight: fl
         tensor([[2.0000, 2.0000],
                 [2.5000, 2.5000]])
     """
-    current = torch.stack([running_mean, running_var])
-    batch = torch.stack([stats.mean, unbiased(stats)]).to(current.dtype)
+    dtype = torch.promote_types(running_mean.dtype, torch.float32)  # (half buffers: computed in float32)
+    current = torch.stack([running_mean, running_var]).to(dtype)
+    batch = torch.stack([stats.mean, unbiased(stats)]).to(dtype)
     if isinstance(weight, Tensor):
-        weight = weight.to(current.dtype)
+        weight = weight.to(dtype)
     return torch.lerp(current, batch, weight)
 
 
