@@ -2,6 +2,8 @@
 
 Each test spawns its ranks once; every rank runs all its cases and saves what it computed, and the
 parent compares with one process running the same policy, unsynchronized, on the concatenated batch.
+Process groups time out after ``TIMEOUT`` and the parent kills ranks still running after ``DEADLINE``:
+a hang fails its test, it never stalls the run.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable
 
 import pytest
@@ -25,6 +30,8 @@ C = 3
 SYNCED = ["torch", "running_update", "renorm", "batch_no_update", "test_time", "recalibrate", "blend"]
 SLICES = {2: [3, 5], 3: [5, 0, 3], 4: [2, 1, 0, 5]}  # uneven, with an empty rank
 EXACT = dict(rtol=1e-12, atol=1e-12)
+TIMEOUT = datetime.timedelta(seconds=20)  # of every process group (gloo's default is 30 minutes)
+DEADLINE = 45.0  # seconds for all ranks of one spawn to finish
 
 
 def policy(name: str, sync: bool) -> bnctl.Policy:
@@ -54,24 +61,29 @@ def batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randn(n, C, 2, 2, generator=g, dtype=torch.float64)) for _ in range(2)]
 
 
-def run_layer(layer: nn.Module, steps: list[tuple[torch.Tensor, torch.Tensor]], training: bool) -> dict:
+def run_layer(layer: nn.Module, steps: list[tuple[torch.Tensor, torch.Tensor]], training: bool,
+              calls: list | None = None) -> dict:
     """Forward, backward with the given upstream gradient, per step; outputs, input and affine gradients
-    (summed over steps), and the buffers after."""
-    out: dict = {"y": [], "dx": []}
+    (summed over steps), and the buffers after; with ``calls`` (see :func:`_count_collectives`), the
+    number of collectives of each step."""
+    out: dict = {"y": [], "dx": [], "collectives": []}
     layer.train(training)
     for x, g in steps:
         x = x.clone().requires_grad_(True)
+        before = 0 if calls is None else len(calls)
         y = layer(x)
         y.backward(g)
         out["y"].append(y.detach())
         out["dx"].append(x.grad)
+        out["collectives"].append(0 if calls is None else len(calls) - before)
     out["dw"], out["db"] = layer.weight.grad, layer.bias.grad
     out["buffers"] = {k: v.clone() for k, v in layer.named_buffers()}
     return out
 
 
 def _worker(rank: int, world: int, store: str, task: Callable, results: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)  # ranks share the machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         torch.save(task(rank, world), os.path.join(results, f"{rank}.pt"))
     finally:
@@ -79,9 +91,21 @@ def _worker(rank: int, world: int, store: str, task: Callable, results: str) -> 
 
 
 def spawn(task: Callable, world: int) -> list:
-    """Run ``task(rank, world)`` on ``world`` gloo ranks; each rank's return value, in rank order."""
+    """Run ``task(rank, world)`` on ``world`` gloo ranks; each rank's return value, in rank order. A rank that
+    raises or dies fails the test; ranks still running after ``DEADLINE`` seconds are killed and fail it."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), task, tmp), nprocs=world)
+        ranks = mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), task, tmp), nprocs=world,
+                                   join=False, start_method="spawn")
+        end = time.monotonic() + DEADLINE
+        try:
+            while not ranks.join(timeout=max(end - time.monotonic(), 0.0)):
+                if time.monotonic() >= end:
+                    pytest.fail(f"{task.__name__}: ranks still running after {DEADLINE:g} s (a hang); killed")
+        finally:
+            for process in ranks.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
         return [torch.load(os.path.join(tmp, f"{r}.pt"), weights_only=False) for r in range(world)]
 
 
@@ -91,14 +115,12 @@ def _slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def layer_cases(rank: int, world: int) -> dict:
-    counts = _count_collectives()
+    calls = _count_collectives()
     found = {}
     for name in SYNCED:
         for training in (True, False):
             steps = [(_slice(x, rank, world), _slice(g, rank, world)) for x, g in batches(world)]
-            counts.clear()
-            found[name, training] = run_layer(make_layer(name, True), steps, training)
-            found[name, training]["collectives"] = len(counts)
+            found[name, training] = run_layer(make_layer(name, True), steps, training, calls)
     return found
 
 
@@ -132,8 +154,10 @@ def test_k_ranks_compute_what_one_process_computes_on_the_whole_batch(world):
                     torch.testing.assert_close(g["buffers"][key], value, **EXACT)
             uses_batch = policy(name, True).mode(training).normalize != "running"
             updates = policy(name, True).mode(training).update != "none"
-            expected = 2 * (2 * uses_batch + (updates and not uses_batch))  # per step: forward (+ backward)
-            assert {g["collectives"] for g in got} == {expected}, (name, training)
+            per_step = 2 * uses_batch + (updates and not uses_batch)  # forward (+ backward)
+            # the first forward checks that every rank runs the layer alike (one small collective); none after
+            first = per_step + (per_step > 0)
+            assert all(g["collectives"] == [first, per_step] for g in got), (name, training, got[0]["collectives"])
 
 
 def nan_case(rank: int, world: int) -> dict:
@@ -344,3 +368,128 @@ def test_process_groups_are_checked_and_not_copied():
 
 def layer_group(layer: nn.Module):
     return layer._bnctl.sync_group(layer)
+
+
+# -- ranks that disagree: an error on every rank naming the layer, never a hang, wrong numbers or an abort -----
+
+
+class Branches(nn.Module):
+    """Two synchronized layers of the same width; which one runs depends on the data (here: the rank)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branch_a, self.branch_b = nn.BatchNorm2d(C).double(), nn.BatchNorm2d(C).double()
+
+    def forward(self, x: torch.Tensor, take_a: bool) -> torch.Tensor:
+        return self.branch_a(x) if take_a else self.branch_b(x)
+
+
+def _error(run: Callable) -> str | None:
+    try:
+        run()
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def disagree_cases(rank: int, world: int) -> dict:
+    x = _slice(batches(world)[0][0], rank, world)
+    synced = policy("torch", True)
+    out = {}
+
+    model = Branches()
+    bnctl.apply(model, synced)
+    out["branch, first forward"] = _error(lambda: model.train()(x, take_a=rank == 0))
+
+    model = Branches()
+    bnctl.apply(model, synced)
+    model.train()(x, take_a=True)  # both branches checked on every rank
+    model(x, take_a=False)
+    out["branch, later forward"] = _error(lambda: model(x, take_a=rank == 0))
+
+    layer = make_layer("torch", False)
+    bnctl.apply(layer, policy("torch" if rank == 0 else "test_time", True))
+    out["policy"] = _error(lambda: layer.train()(x))
+
+    layer = make_layer("torch", False)
+    bnctl.apply(layer, bnctl.Policy("batch", "ema", "batch", "none", name=None, sync=True))
+    out["mode"] = _error(lambda: layer.train(rank == 0)(x))
+
+    layer = make_layer("torch", True)
+    layer.train()(x)
+    if rank == 1:
+        bnctl.apply(layer, policy("test_time", True))  # on one rank only, after the first check
+    out["policy changed on one rank"] = _error(lambda: layer(x))
+
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.BatchNorm2d(C + rank)).double()
+    bnctl.apply(wide, synced)
+    out["channels"] = _error(lambda: wide.train()(torch.randn(2, C + rank, 2, 2, dtype=torch.float64)))
+
+    out["then alike"] = _error(lambda: make_layer("torch", True).train()(x))  # the group is still usable
+    return out
+
+
+def test_ranks_that_disagree_on_a_synced_layer_raise_on_every_rank_naming_it():
+    ranks = spawn(disagree_cases, 2)
+    want = {
+        "branch, first forward": [r"^{me}: ranks disagree on the synchronized BatchNorm forward \(different layer\): "
+                                  r"rank 0 runs branch_a with 3 channels in mode \(batch, ema, momentum 0\.1\); "
+                                  r"rank 1 runs branch_b with 3 channels"],
+        "branch, later forward": [r"^{me}: ranks disagree .*\(different layer\): rank 0 runs branch_a.*; rank 1 runs "
+                                  r"branch_b"],
+        "policy": [r"^BatchNorm2d: .*\(different mode\): rank 0 runs BatchNorm2d with 3 channels in mode \(batch, "
+                   r"ema, momentum 0\.3\); rank 1 runs BatchNorm2d with 3 channels in mode \(batch, none"],
+        "mode": [r"^BatchNorm2d: .*\(different mode\).*\(batch, ema, .*\(batch, none"],
+        "policy changed on one rank": [r"^BatchNorm2d: .*\(different mode\).*\(batch, ema, .*\(batch, none"],
+        "channels": [r"^0: .*\(different channels\): rank 0 runs 0 with 3 channels .*; rank 1 runs 0 with 4 channels"],
+    }
+    for case, (pattern,) in want.items():
+        for rank, got in enumerate(ranks):
+            me = "branch_a" if rank == 0 else "branch_b"
+            assert got[case] is not None and re.search(pattern.format(me=me), got[case]), (case, got[case])
+            assert "Fix: run the same synchronized layers" in got[case]
+    assert [r["then alike"] for r in ranks] == [None, None]
+
+
+def timeout_cases(rank: int, world: int) -> dict:
+    """Rank 1 leaves rank 0 alone in a collective (eval() where rank 0 trains; a forward without backward)."""
+    x = _slice(batches(world)[0][0], rank, world)
+    out = {}
+    for case in ("forward", "backward"):
+        group = dist.new_group(timeout=datetime.timedelta(seconds=1))
+        layer = make_layer("torch", False)
+        bnctl.apply(layer, policy("torch", True), process_group=group)
+        if rank == 0:
+            out[case] = _error(lambda layer=layer: layer.train()(x.clone().requires_grad_(True)).sum().backward())
+        elif case == "forward":
+            layer.eval()(x)  # running statistics: no collective
+        else:
+            with torch.no_grad():
+                layer.train()(x)  # the forward's collectives, and no backward
+        time.sleep(1.5)  # past rank 0's timeout (leaving would close the connection instead)
+    return out
+
+
+def test_a_collective_that_times_out_is_re_raised_naming_the_layer():
+    got = spawn(timeout_cases, 2)[0]
+    for case in ("forward", "backward"):
+        assert re.search(rf"^BatchNorm2d: expected every rank of the process group to join this layer's synchronized "
+                         rf"BatchNorm {case}, got an error from the collective: .*Timed out", got[case]), got[case]
+
+
+def outside_group_case(rank: int, world: int) -> str | None:
+    group = dist.new_group([0])  # on rank 1: GroupMember.NON_GROUP_MEMBER
+    try:
+        bnctl.apply(make_layer("torch", False), policy("torch", True), process_group=group)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_apply_with_a_group_this_rank_is_not_in_says_so():
+    got = spawn(outside_group_case, 2)
+    assert got[0] is None
+    assert got[1] is not None and got[1].startswith(
+        "process_group: expected a group this rank (1) belongs to, got GroupMember.NON_GROUP_MEMBER (what "
+        "torch.distributed.new_group(ranks) returns on the ranks not in ranks). Fix:"), got[1]

@@ -156,6 +156,15 @@ class PolicyHandle:
         live = [entry for entry in self._applied if layer_state(entry[0]) is entry[1]]
         for _layer, state, token, _flags in live:  # refuse before changing anything
             state.require_top(token)
+        for swap in self._swaps:
+            extra = domains(swap.stand_in)[1:]
+            if extra:
+                raise ValueError(
+                    f"{swap.name}: the bnctl.BatchNorm2d standing in for a {type(swap.original).__name__} holds "
+                    f"domain(s) {extra}, which the buffers-only original cannot hold: removing the policy would "
+                    "lose them. Keep them with bnctl.export_domain(model, name) or drop them with "
+                    "bnctl.remove_domains(model) first, then remove the policy."
+                )
         for layer, state, token, flags in reversed(live):
             state.pop(token)
             set_grad_flags(layer, flags)
@@ -262,12 +271,15 @@ def _check_group(group: Any) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group: expected None without an initialized torch.distributed process group, "
                          f"got {group!r}. Call torch.distributed.init_process_group first.")
+    if group is dist.GroupMember.NON_GROUP_MEMBER or (isinstance(group, dist.ProcessGroup)
+                                                      and dist.get_rank(group) < 0):
+        got = ("GroupMember.NON_GROUP_MEMBER (what torch.distributed.new_group(ranks) returns on the ranks not "
+               "in ranks)" if group is dist.GroupMember.NON_GROUP_MEMBER else "one it is not a member of")
+        raise ValueError(f"process_group: expected a group this rank ({dist.get_rank()}) belongs to, got {got}. "
+                         "Fix: pass each rank the group it is in (torch.distributed.new_subgroups gives each "
+                         "rank its own), or apply the policy with sync=False on the ranks outside the group.")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup, got {type(group).__name__}.")
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"process_group: expected a group this rank ({dist.get_rank()}) belongs to, got one "
-                         "it is not a member of. Every rank passes the group it is in (see "
-                         "torch.distributed.new_subgroups).")
 
 
 def _check_not_wrapped(model: nn.Module, layers: list[tuple[str, _BatchNorm]], policy: Policy) -> None:

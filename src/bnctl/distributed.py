@@ -9,10 +9,23 @@ statistics has a hand-written backward whose one collective sums two
 per-channel reductions over the ranks, so the gradient reaching each rank's
 input includes what every other rank's loss says about the shared mean and
 variance.
+
+Collectives pair up by order: every rank of the group must run the same
+synchronized layers in the same order and the same way, or they would merge
+one layer's statistics with another's, hang, or (different sizes) abort the
+process. A layer's :func:`fingerprint` (its name, channels and mode) rides in
+every statistics collective, so ranks that disagree raise instead, at no
+extra collective; before a layer's first one (where ranks that disagree
+could pair collectives of different sizes) :func:`check_agreement` compares
+the fingerprints with one small collective of fixed size. A collective that
+fails (a timeout: a rank that never came) is re-raised naming the layer whose
+forward or backward made it.
 """
 
 from __future__ import annotations
 
+import zlib
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import torch
@@ -21,7 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["GlobalStats", "across_ranks", "active", "gather_rows", "merge_rows", "stats_dtype", "sync_normalize"]
+__all__ = ["GlobalStats", "across_ranks", "active", "check_agreement", "fingerprint", "gather_rows", "layer",
+           "merge_rows", "stats_dtype", "sync_normalize"]
+
+layer: ContextVar[str | None] = ContextVar("bnctl_synchronized_layer", default=None)
+"""The name of the layer whose synchronized forward runs now (set by the layer around it): a collective
+that fails says which layer made it; the backward's names the layer its forward ran in."""
 
 
 def active() -> bool:
@@ -40,8 +58,26 @@ def gather_rows(row: Tensor, group: Any = None) -> Tensor:
                        row.new_zeros((world - rank - 1, *row.shape))])
     if row.requires_grad and torch.is_grad_enabled():
         return _AllReduce.apply(table, group)
-    dist.all_reduce(table, group=group)
+    _all_reduce(table, group, layer.get(), "forward")
     return table
+
+
+def _all_reduce(table: Tensor, group: Any, name: str | None, where: str) -> None:
+    """``dist.all_reduce`` (a sum, in place); one that fails inside layer ``name``'s synchronized ``where``
+    (forward or backward) is re-raised naming it."""
+    try:
+        dist.all_reduce(table, group=group)
+    except RuntimeError as err:
+        if name is None:
+            raise
+        raise RuntimeError(
+            f"{name}: expected every rank of the process group to join this layer's synchronized BatchNorm "
+            f"{where}, got an error from the collective: {str(err).strip()}. Collectives pair up by order, so "
+            "a rank that runs another synchronized layer or none here (a data-dependent branch, a policy or "
+            "train()/eval() set on some ranks only) leaves the others waiting. Fix: run the same synchronized "
+            "layers in the same order with the same policy and mode on every rank, or give the layers only some "
+            "ranks run a policy with sync=False."
+        ) from err
 
 
 class _AllReduce(torch.autograd.Function):
@@ -49,16 +85,73 @@ class _AllReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, table: Tensor, group: Any) -> Tensor:
-        ctx.group = group
+        ctx.group, ctx.name = group, layer.get()
         table = table.clone()
-        dist.all_reduce(table, group=group)
+        _all_reduce(table, group, ctx.name, "forward")
         return table
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
+        _all_reduce(grad, ctx.group, ctx.name, "backward")
         return grad, None
+
+
+_NORMALIZE = ("batch", "running", "renorm", "blend")  # bnctl.policy's BATCH, RUNNING, RENORM, BLEND
+_UPDATE = ("none", "ema", "cumulative")  # NO_UPDATE, EMA, CUMULATIVE
+_NAME_FLOATS, _NAME_BYTES = 10, 6  # a name's last 60 UTF-8 bytes, 6 a float64 (exact below 2**53)
+
+
+def fingerprint(name: str, channels: int, normalize: int, update: int, momentum: float | None, alpha: float,
+                device: torch.device) -> Tensor:
+    """What every rank must agree on in a synchronized forward, as 16 float64 values (exact): the
+    layer (a CRC of its name in the model and the name's last 60 bytes), its number of channels, its
+    ``normalize`` and ``update`` kinds (:data:`bnctl.policy.BATCH`, ...; :data:`bnctl.policy.EMA`, ...),
+    momentum and blend weight."""
+    tail = name.encode()[-_NAME_FLOATS * _NAME_BYTES:].rjust(_NAME_FLOATS * _NAME_BYTES, b"\0")
+    packed = [float(int.from_bytes(tail[i:i + _NAME_BYTES], "big")) for i in range(0, len(tail), _NAME_BYTES)]
+    values = [float(zlib.crc32(name.encode())), float(channels), float(normalize), float(update),
+              -1.0 if momentum is None else float(momentum), float(alpha), *packed]
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def check_agreement(group: Any, name: str, tag: Tensor) -> None:
+    """Raise on every rank of ``group`` unless all of them have the same :func:`fingerprint` ``tag``: one small
+    collective, of the same size whatever the layer (two layers' checks pair up without aborting the process,
+    which two layers' statistics of different sizes would). Every rank that raises has made the same
+    collectives, so the group stays usable.
+
+    Raises:
+        RuntimeError: on every rank, naming the layer, each rank's layer and mode, and what differs.
+    """
+    rows = gather_rows(tag, group).tolist()
+    if any(row != rows[0] for row in rows):
+        _disagree(group, name, rows)
+
+
+def _disagree(group: Any, name: str, rows: list[list[float]]) -> None:
+    differs = [what for what, cols in (("layer", [0]), ("channels", [1]), ("mode", [2, 3, 4, 5]))
+               if any([row[c] for c in cols] != [rows[0][c] for c in cols] for row in rows)]
+    world = group is None or group is dist.group.WORLD
+    ranks = "; ".join(f"rank {r if world else dist.get_global_rank(group, r)} runs {_describe(row)}"
+                      for r, row in enumerate(rows))
+    raise RuntimeError(
+        f"{name}: ranks disagree on the synchronized BatchNorm forward (different {' and '.join(differs)}): {ranks}. "
+        "Collectives pair up by order, so the ranks would merge different layers' statistics, wait for each "
+        "other until a timeout, or abort. Fix: run the same synchronized layers in the same order on every "
+        "rank, with the same policy (bnctl.apply alike on every rank) and mode (train()/eval() on every "
+        "rank); give the layers of a branch that only some ranks take a policy with sync=False."
+    )
+
+
+def _describe(row: list[float]) -> str:
+    tail = b"".join(int(f).to_bytes(_NAME_BYTES, "big") for f in row[6:]).lstrip(b"\0")
+    name = ("..." if len(tail) == _NAME_FLOATS * _NAME_BYTES else "") + tail.decode(errors="replace")
+    normalize, update = _NORMALIZE[int(row[2])], _UPDATE[int(row[3])]
+    if normalize == "blend":
+        normalize = f"blend {row[5]:g}"
+    momentum = "None" if row[4] == -1.0 else f"{row[4]:g}"
+    return f"{name} with {int(row[1])} channels in mode ({normalize}, {update}, momentum {momentum})"
 
 
 def merge_rows(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -78,16 +171,38 @@ class GlobalStats(NamedTuple):
     n: int
 
 
-def across_ranks(mean: Tensor, var: Tensor, n: int, group: Any = None) -> GlobalStats:
+def across_ranks(mean: Tensor, var: Tensor, n: int, group: Any = None, tag: Tensor | None = None,
+                 name: str = "") -> GlobalStats:
     """This rank's per-channel mean and biased variance over ``n`` values merged with every other
     rank's (each rank's own from :func:`bnctl.functional.batch_stats`; ``n`` may be 0): the union's
     statistics, in float64, the same on every rank. One collective; every rank must call it. No
-    gradient."""
+    gradient.
+
+    ``tag``: this rank's :func:`fingerprint` of layer ``name``, carried in the same collective and compared
+    with every rank's (as :func:`check_agreement`, without a collective of its own).
+
+    Raises:
+        RuntimeError: ``tag`` differs between ranks (on every rank whose collective paired with this one).
+    """
+    channels = mean.numel()
     with torch.no_grad():
         mean, m2 = mean.to(torch.float64), var.to(torch.float64) * n
-        counts, means, m2s = gather_rows(torch.stack([torch.full_like(mean, float(n)), mean, m2]), group).unbind(1)
+        row = torch.stack([torch.full_like(mean, float(n)), mean, m2])
+        if tag is None:
+            counts, means, m2s = gather_rows(row, group).unbind(1)
+        else:
+            table = gather_rows(torch.cat([row.flatten(), tag]), group)
+            counts, means, m2s = table[:, :3 * channels].unflatten(1, (3, channels)).unbind(1)
         total, mean_g, m2_g = merge_rows(counts, means, m2s)
-    count = int(total[0]) if total.numel() else 0  # equal over channels; one host read
+    if tag is None:
+        count = int(total[0]) if total.numel() else 0  # equal over channels; one host read
+    else:  # one host read: the count and every rank's tag
+        head = min(channels, 1)
+        read = torch.cat([total[:head], table[:, 3 * channels:].flatten()]).tolist()
+        count, tags = int(read[0]) if head else 0, read[head:]
+        rows = [tags[i:i + tag.numel()] for i in range(0, len(tags), tag.numel())]
+        if any(r != rows[0] for r in rows):
+            _disagree(group, name, rows)
     return GlobalStats(mean_g, m2_g / max(count, 1), count)
 
 
@@ -113,7 +228,7 @@ class _SyncNormalize(torch.autograd.Function):
         mean, var = mean.to(dtype), var.to(dtype)
         y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
         ctx.save_for_backward(x, weight, mean, var, stats.mean.to(dtype))
-        ctx.alpha, ctx.eps, ctx.group, ctx.n = alpha, eps, group, stats.n
+        ctx.alpha, ctx.eps, ctx.group, ctx.n, ctx.name = alpha, eps, group, stats.n, layer.get()
         count = torch.tensor(stats.n)
         ctx.mark_non_differentiable(stats.mean, stats.var, count)
         return y, stats.mean, stats.var, count
@@ -131,7 +246,7 @@ class _SyncNormalize(torch.autograd.Function):
             dx, sum_dy_xhat, sum_dy = torch.empty_like(x), torch.zeros_like(w), torch.zeros_like(w)
         invstd = torch.rsqrt(var + ctx.eps)
         sums = torch.stack([sum_dy, sum_dy_xhat / invstd])  # sum(dy), sum(dy * (x - mean)), this rank's
-        dist.all_reduce(sums, group=ctx.group)
+        _all_reduce(sums, ctx.group, ctx.name, "backward")
         k = ctx.alpha / max(ctx.n, 1)
         scale = w * invstd
         slope = -scale * k * invstd * invstd * sums[1]  # dx += x * slope + offset, per channel
