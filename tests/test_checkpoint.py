@@ -97,3 +97,12 @@ def test_wrapper_prefixes_are_stripped(tmp_path, prefix):
     state = trained_state()
     torch.save({"state_dict": {prefix + k: v for k, v in state.items()}}, tmp_path / "c.pt")
     assert list(load_state_dict(tmp_path / "c.pt")) == list(state)
+
+
+def test_a_negative_running_var_is_a_problem():
+    """No forward can use it: normalizing takes the square root of running_var + eps."""
+    state = trained_state()
+    state["1.running_var"][2] = -0.5
+    assert layer(state, "1").problems == [
+        "1 channel(s) with negative running_var (a variance cannot be negative; normalizing takes its square "
+        "root: NaN or huge outputs)"]

@@ -64,11 +64,14 @@ def test_inspect_corrupt_file(tmp_path, capsys, content):
     assert err.startswith("bnctl: error:") and err.count("\n") == 1
 
 
-def test_inspect_non_state_dict(tmp_path, capsys):
-    path = tmp_path / "tensor.pt"
-    torch.save(torch.zeros(3), path)
+@pytest.mark.parametrize("obj, found", [(torch.zeros(3), "found a Tensor"), ({}, "found an empty dict"),
+                                        ({"epoch": 3}, "found a dict without tensors (keys 'epoch')")])
+def test_inspect_non_state_dict(tmp_path, capsys, obj, found):
+    path = tmp_path / "obj.pt"
+    torch.save(obj, path)
     assert main(["inspect", str(path)]) == 2
-    assert "expected a state dict" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "expected a state dict" in err and found in err and "Save model.state_dict()" in err
 
 
 def test_demo_small_scale_writes_table_json_and_plot(tmp_path, capsys):

@@ -172,6 +172,22 @@ def test_what_was_learned_on_a_stand_in_is_kept_in_the_original():
     assert int(stand_in.num_batches_tracked) == 0  # frozen_stats never updated the statistics
 
 
+@pytest.mark.parametrize("cast", ["double", "half"])
+def test_a_dtype_change_under_a_stand_in_reaches_the_original(cast):
+    """apply, model.double() (or .half()), remove: the original comes back in the model's new dtype holding
+    the stand-in's values, as model.double() without bnctl would have left it."""
+    model = _backbone()
+    plain = copy.deepcopy(model)
+    handle = bnctl.apply(model, "frozen")
+    getattr(model, cast)(), getattr(plain, cast)()
+    handle.remove()
+    x = torch.randn(4, 3, 4, 4, dtype=plain[0].weight.dtype)
+    for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+    if cast == "double":  # (no float16 convolution on the CPU)
+        assert torch.equal(model(x), plain(x))
+
+
 def test_recalibrate_reaches_frozen_batchnorm_and_writes_into_it():
     model = _backbone()
     original = model[1]

@@ -127,3 +127,15 @@ def test_track_running_stats_switched_off_is_reported_as_what_it_changes_under_t
     with bnctl.using(bn, "running_update"):
         (text,) = [w for w in bnctl.report(bn).warnings if "track_running_stats" in w]
         assert text.endswith("no longer update in train(), and train() and eval() normalize with those stale buffers")
+
+
+def test_a_negative_running_var_is_flagged_also_on_frozen_batchnorm():
+    from conftest import FrozenBatchNorm2d
+
+    m = trained()
+    with torch.no_grad():
+        m[1].running_var[0] = -1e-3
+    frozen = FrozenBatchNorm2d(3)
+    frozen.running_var[1] = -2.0
+    text = " | ".join(bnctl.report(nn.Sequential(m, frozen)).warnings)
+    assert "0.1: negative running_var in 1 channel(s)" in text and "1: negative running_var in 1 channel(s)" in text

@@ -99,6 +99,56 @@ def test_snapshot_restore_by_name():
         bnctl.restore(nn.Sequential(nn.BatchNorm1d(3)), saved)
 
 
+def test_restore_into_a_layer_of_another_width_names_it_and_writes_nothing():
+    saved = bnctl.snapshot(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)))
+    other = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(5))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"^2: the snapshot's running_mean has shape \(3,\), the layer's \(5,\)"):
+        bnctl.restore(other, saved)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), before.values()))  # not even layer 1
+
+
+def test_snapshots_carry_across_a_frozen_batchnorm_stand_in():
+    """Taken before apply and restored under it, or taken under it and restored after remove()."""
+    from conftest import FrozenBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), FrozenBatchNorm2d(3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].weight.uniform_(0.5, 1.5)
+    original = {k: v.clone() for k, v in model[1].state_dict().items()}
+    before = bnctl.snapshot(model)
+    handle = bnctl.apply(model, "frozen_stats")
+    with torch.no_grad():
+        model[1].running_mean.add_(1.0), model[1].weight.mul_(2.0)
+    bnctl.restore(model, before)  # the frozen layer's weight buffer is the stand-in's weight
+    assert torch.equal(model[1].running_mean, original["running_mean"])
+    assert torch.equal(model[1].weight, original["weight"])
+    with torch.no_grad():
+        model[1].running_var.mul_(3.0)
+    during = bnctl.snapshot(model)  # holds the stand-in's num_batches_tracked
+    with torch.no_grad():
+        model[1].running_var.fill_(7.0)
+    handle.remove()
+    bnctl.restore(model, during)
+    assert torch.equal(model[1].running_var, original["running_var"] * 3.0)
+
+
+def test_removing_a_stand_in_that_holds_domains_is_refused_before_anything_changes():
+    from conftest import FrozenBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), FrozenBatchNorm2d(3))
+    handle = bnctl.apply(model, "frozen")
+    stand_in = model[1]
+    bnctl.add_domains(model, "target")
+    with pytest.raises(ValueError, match=r"^1: the bnctl.BatchNorm2d standing in for a FrozenBatchNorm2d holds "
+                                         r"domain\(s\) \['target'\].*export_domain.*remove_domains"):
+        handle.remove()
+    assert model[1] is stand_in and stand_in.policy.name == "frozen"
+    bnctl.remove_domains(model)
+    handle.remove()
+    assert type(model[1]) is FrozenBatchNorm2d
+
+
 # -- checkpoint recomputation sees exactly what the first forward saw ----------------------
 
 CHECKPOINT_POLICIES = {

@@ -61,9 +61,13 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}).") from err
     state = _find_state_dict(obj)
     if state is None:
+        if isinstance(obj, dict):
+            what = "an empty dict" if not obj else f"a dict without tensors (keys {_keys(obj)})"
+        else:
+            what = f"a {type(obj).__name__}"
         raise CheckpointError(
-            f"{path}: expected a state dict (a dict of tensors, possibly under "
-            f"{list(_CONTAINER_KEYS)}), got {type(obj).__name__}."
+            f"{path}: expected a state dict (a dict of tensors, possibly under one of "
+            f"{list(_CONTAINER_KEYS)}), found {what}. Save model.state_dict() (or a dict holding it)."
         )
     stripped = True
     while state and stripped:  # DDP's "module.", Lightning's "model.", torch.compile's "_orig_mod."
@@ -73,6 +77,11 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 stripped = True
     return state
+
+
+def _keys(obj: dict) -> str:
+    keys = [repr(k) for k in list(obj)[:5]]
+    return ", ".join(keys) + (", ..." if len(obj) > 5 else "")
 
 
 def _find_state_dict(obj: Any) -> dict[str, Tensor] | None:
@@ -195,6 +204,10 @@ def _value_problems(tensors: dict[str, Tensor], nbt: int | None) -> list[str]:
         if bad:
             problems.append(f"non-finite values in {key} ({bad} channel{'s' if bad > 1 else ''})")
     finite_rv = rvf[torch.isfinite(rvf)]
+    negative = int((finite_rv < 0).sum())
+    if negative:
+        problems.append(f"{negative} channel(s) with negative running_var (a variance cannot be negative; "
+                        "normalizing takes its square root: NaN or huge outputs)")
     low = int((finite_rv.abs() < NEAR_ZERO_VAR).sum())
     if low:
         problems.append(f"{low} channel(s) with near-zero running_var (< {NEAR_ZERO_VAR:g})")

@@ -108,7 +108,18 @@ def _move_fold(old: nn.Module, new: nn.Module) -> None:
 
 
 def swap_out(swap: Swap) -> None:
-    """Write the stand-in's current values into the original and put the original back."""
+    """Write the stand-in's current values into the original and put the original back.
+
+    The original first follows the stand-in to its device and floating-point dtype: a
+    ``model.double()``, ``.half()`` or ``.to(device)`` made while the stand-in sat in the model
+    reaches the layer it stood in for, as it would have without bnctl.
+    """
+    current = swap.stand_in.running_mean
+    original = swap.original._buffers["running_mean"]
+    if original.device != current.device:
+        swap.original.to(current.device)
+    if original.dtype != current.dtype:
+        swap.original.to(current.dtype)
     with torch.no_grad():
         for key in _BUFFERS:
             target = swap.original._buffers[key]

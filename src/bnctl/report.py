@@ -138,10 +138,7 @@ def _traps(layer: _BatchNorm) -> list[str]:
         found.append("running statistics never updated (all 0 and 1): load pretrained "
                      "weights or run bnctl.recalibrate")
     if layer.running_mean is not None:
-        bad = [k for k, t in (("running_mean", layer.running_mean),
-                              ("running_var", layer.running_var)) if not torch.isfinite(t).all()]
-        if bad:
-            found.append(f"non-finite values in {', '.join(bad)}")
+        found += _statistics_warnings(layer)
     if not layer.track_running_stats and layer.running_mean is not None:
         found += _untracked_trap(layer, plan)
     momentum = plan.train.momentum
@@ -269,10 +266,21 @@ def _frozen_row(name: str, layer: nn.Module) -> LayerReport:
         affine="buffers", momentum=None, eps=layer.eps, num_batches_tracked=None, skipped_updates=0,
         domains=domains(layer),
     )
+    row.warnings += _statistics_warnings(layer)
+    return row
+
+
+def _statistics_warnings(layer: nn.Module) -> list[str]:
+    """Running statistics no forward can use: non-finite values, a negative variance."""
+    found = []
     bad = [k for k in ("running_mean", "running_var") if not torch.isfinite(getattr(layer, k)).all()]
     if bad:
-        row.warnings.append(f"non-finite values in {', '.join(bad)}")
-    return row
+        found.append(f"non-finite values in {', '.join(bad)}")
+    negative = int((layer.running_var < 0).sum())
+    if negative:
+        found.append(f"negative running_var in {negative} channel(s): normalizing takes its square root (NaN or "
+                     "huge outputs); load sound statistics or run bnctl.recalibrate")
+    return found
 
 
 def _layer_inputs(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batch: Any,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .apply import Selector, batchnorm_layers, hold, no_update_layers
+from .frozen import is_frozen_batchnorm
 from .modules import check_controllable, check_materialized, display_name, is_uninitialized, layer_state
 from .state import LayerState, LayerTensors, Pools, Tape
 from .stats import Accumulator
@@ -54,26 +55,49 @@ def snapshot(model: nn.Module) -> Snapshot:
 def restore(model: nn.Module, saved: Snapshot) -> None:
     """Write a :func:`snapshot` back, matching layers and buffers by name.
 
+    Snapshots carry across a ``FrozenBatchNorm2d``'s stand-in swap (:func:`bnctl.apply` puts a
+    ``bnctl.BatchNorm2d`` in its place, ``remove()`` puts it back): the frozen layer's ``weight`` and
+    ``bias`` buffers are the stand-in's ``weight`` and ``bias``, and the stand-in's
+    ``num_batches_tracked`` has no place in the frozen layer (it is left out).
+
     Raises:
-        ValueError: if the snapshot names a layer or buffer the model lacks.
+        ValueError: the snapshot names a layer or buffer the model lacks, or holds values of another
+            shape (checked before anything is written).
     """
     layers = dict(batchnorm_layers(model))
-    missing = sorted(
-        f"{name}.{k}" if name else k
-        for name, bufs in saved.items()
-        for k in bufs
-        if name not in layers or k not in dict(layers[name].named_buffers(recurse=False))
-    )
+    missing, plan = [], []
+    for name, bufs in saved.items():
+        own = _restorable(layers[name]) if name in layers else {}
+        for k, value in bufs.items():
+            if k in own:
+                plan.append((name, k, own[k], value))
+            elif not (name in layers and is_frozen_batchnorm(layers[name]) and k.startswith("num_batches_tracked")):
+                missing.append(f"{name}.{k}" if name else k)
     if missing:
         raise ValueError(
-            f"expected the snapshot's BatchNorm buffers in the model, missing: {missing}. "
-            "Restore into the model the snapshot was taken from."
+            f"expected the snapshot's BatchNorm buffers in the model, missing: {sorted(missing)}. "
+            "Restore into the model the snapshot was taken from (and with the same domains)."
         )
+    for name, k, target, value in plan:
+        if target.shape != value.shape:
+            raise ValueError(
+                f"{display_name(name, layers[name])}: the snapshot's {k} has shape {tuple(value.shape)}, the "
+                f"layer's {tuple(target.shape)}. Restore into the model the snapshot was taken from."
+            )
     with torch.no_grad():
-        for name, bufs in saved.items():
-            own = dict(layers[name].named_buffers(recurse=False))
-            for k, value in bufs.items():
-                own[k].copy_(value)
+        for _name, _k, target, value in plan:
+            target.copy_(value)
+
+
+def _restorable(layer: nn.Module) -> dict[str, Tensor]:
+    """What :func:`restore` may write in ``layer``: its buffers, and its ``weight`` and ``bias`` (which a
+    snapshot holds only when taken of a buffers-only ``FrozenBatchNorm2d``)."""
+    own = dict(layer.named_buffers(recurse=False))
+    for key in ("weight", "bias"):
+        param = layer._parameters.get(key)
+        if param is not None:
+            own.setdefault(key, param)
+    return own
 
 
 @contextlib.contextmanager
