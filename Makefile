@@ -33,6 +33,7 @@ $(INT_VENV)/.installed: requirements-integrations.txt pyproject.toml
 test-integrations: $(INT_VENV)/.installed
 	$(INT_PY) -m pytest -q tests/integrations
 	TRITON_INTERPRET=1 $(INT_PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py
+	$(INT_PY) -m pytest -q -p no:cacheprovider tests/test_compile.py -k inductor  # the newest torch's inductor too
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_host.py

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_model import FrozenBatchNorm2d  # (run as a script: benchmarks/ is on the path)
 from torch import nn
 
 import bnctl
@@ -27,21 +28,6 @@ try:
     import torchvision
 except ImportError:  # (the architectures are written out below)
     torchvision = None
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """torchvision.ops.FrozenBatchNorm2d, written out: buffers only, scale and shift."""
-
-    def __init__(self, n: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        for k, v in [("weight", torch.ones(n)), ("bias", torch.zeros(n)), ("running_mean", torch.zeros(n)),
-                     ("running_var", torch.ones(n))]:
-            self.register_buffer(k, v)
-
-    def forward(self, x):
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
-        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
 
 
 class Block(nn.Module):

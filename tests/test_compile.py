@@ -23,6 +23,7 @@ import bnctl
 
 PRESETS = sorted(bnctl.PRESETS)
 UPDATING = ("torch", "running_update", "renorm")  # presets whose train() forward updates running statistics
+BLEND = bnctl.Policy(0.4, "ema", 0.6, "none", learn_affine=True, name="blend")  # no preset blends
 BN_AFFINE = ("1.weight", "1.bias", "4.weight", "4.bias")
 # A few float32 ulps: where bnctl computes batch statistics with other ops than eager's fused kernel
 # (var_mean while exporting, the EMA formula under torch.func), running statistics may differ in the last bit.
@@ -348,7 +349,7 @@ def three_models(preset: str) -> list[nn.Module]:
     return [m.train() for m in models]
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "recalibrate"])
+@pytest.mark.parametrize("preset", [*[p for p in PRESETS if p != "recalibrate"], BLEND], ids=str)
 def test_vmap_over_stacked_models_matches_each_model(preset):
     models = three_models(preset)
     refs = copy.deepcopy(models)
@@ -380,9 +381,6 @@ def test_frozen_affine_gets_no_grad_after_requires_grad():
 
 
 # -- blends and float64 under capture (issue 21) ------------------------------------------------
-
-BLEND = bnctl.Policy(0.4, "ema", 0.6, "none", learn_affine=True, name="blend")
-
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("preset", ["running_update", "renorm", BLEND], ids=str)
@@ -420,16 +418,3 @@ def test_export_of_a_blend_whose_affine_learns_gives_eager_outputs_and_gradients
         torch.testing.assert_close(p.grad, want[k], rtol=1e-10, atol=1e-12, msg=k)
     assert_close(buffers(exported), buffers(eager), rtol=1e-13, atol=1e-13)
 
-
-def test_vmap_of_a_blend_matches_each_model():
-    models = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        models += copies(BLEND, n=1)
-    models = [m.train() for m in models]
-    refs = copy.deepcopy(models)
-    x = batch(0)
-    y, bufs = vmapped_forward(models, x)
-    torch.testing.assert_close(y, torch.stack([r(x) for r in refs]), rtol=0, atol=1e-6)
-    for i, ref in enumerate(refs):
-        assert_close({k: v[i] for k, v in bufs.items()}, buffers(ref), atol=1e-6)
