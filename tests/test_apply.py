@@ -109,8 +109,10 @@ def test_include_exclude(include, exclude, expected):
 
 
 def test_nothing_selected_is_an_error():
-    with pytest.raises(ValueError, match="stem.1"):
+    with pytest.raises(ValueError, match=r"'nope\.\*', which matches no module\. Top-level modules: \['block', "):
         bnctl.apply(trained_net(), "frozen", include="nope.*")
+    with pytest.raises(ValueError, match="stem.1"):
+        bnctl.apply(trained_net(), "frozen", include="stem.0")
 
 
 def test_single_layer_and_context_manager():
@@ -297,3 +299,57 @@ def test_param_groups_with_nothing_trainable_says_why():
     net.requires_grad_(False)  # the wrong order: freezing after applying a learning policy
     with pytest.raises(ValueError, match="train_only_batchnorm"):
         bnctl.param_groups(net, lr=0.1)
+
+
+class Deep(nn.Module):
+    """ResNet-like names: layer1 holds blocks holding bn1; layer10 must not be taken for layer1."""
+
+    def __init__(self):
+        super().__init__()
+        block = lambda: nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))  # noqa: E731
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(block(), block())
+        self.layer10 = nn.Sequential(block())
+        self.fc = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("selector,expected", [
+    ("layer1", ["layer1.0.1", "layer1.1.1"]),
+    (["layer1.1", "bn1"], ["bn1", "layer1.1.1"]),
+    ("layer1*", ["layer1.0.1", "layer1.1.1", "layer10.0.1"]),  # globs as before
+    ("layer1.*.1", ["layer1.0.1", "layer1.1.1"]),
+])
+def test_a_module_name_selects_that_module_and_everything_under_it(selector, expected):
+    model = Deep()
+    assert [n for n, _ in bnctl.batchnorm_layers(model, include=selector)] == expected
+    assert bnctl.apply(model, "frozen", include=selector).layers == expected
+    kept = [n for n, _ in bnctl.batchnorm_layers(model, exclude=selector)]
+    assert sorted(kept) == sorted({n for n, _ in bnctl.batchnorm_layers(model)} - set(expected))
+
+
+def test_prefix_selection_works_in_every_function_that_selects():
+    model = Deep().train()
+    x = torch.randn(2, 4, 3, 3)
+    with bnctl.no_update(model, include="layer1"):
+        for block in [*model.layer1, *model.layer10]:
+            block(x)
+    assert [int(b[1].num_batches_tracked) for b in [*model.layer1, *model.layer10]] == [0, 0, 1]
+    assert bnctl.add_domains(model, "target", include="layer10") == ["layer10.0.1"]
+    data = [torch.randn(4, 4, 3, 3)]
+    assert bnctl.recalibrate(model.layer1, data, layers="1") == ["1.1"]
+
+
+def test_a_name_that_matches_no_module_is_refused_with_the_closest_names():
+    model = Deep()
+    for call in (lambda: bnctl.apply(model, "frozen", include="layr1"),
+                 lambda: bnctl.batchnorm_layers(model, include=["bn1", "layr1"]),
+                 lambda: bnctl.no_update(model, include="layr1").__enter__()):
+        with pytest.raises(ValueError, match=r"'layr1', which matches no module\. Closest module names: "
+                                             r"\['layer1', 'layer10'"):
+            call()
+    assert bnctl.batchnorm_layers(model, exclude="nothing_like_it")  # exclude may name what a model lacks
+
+
+def test_a_module_without_batchnorm_under_it_names_the_closest_layers():
+    with pytest.raises(ValueError, match=r"got none \(include='fc'.*BatchNorm layers in the model: \['bn1'"):
+        bnctl.apply(Deep(), "frozen", include="fc")

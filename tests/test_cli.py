@@ -181,3 +181,54 @@ def test_demo_checks_its_output_folder_first(tmp_path, capsys):
     assert main(["demo", "--quick", "--seeds", "1", "--out", str(blocker / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and err.count("\n") == 1
+
+
+def test_report_says_what_to_do_per_layer_and_domain(tmp_path, capsys):
+    state = trained_state()
+    state["1.running_var"][0] = float("nan")
+    state.update({"extra." + k: v for k, v in nn.BatchNorm1d(3).state_dict().items()})
+    state.update({f"4.{k}__target": state[f"4.{k}"].clone() for k in ("running_mean", "running_var",
+                                                                      "num_batches_tracked")})
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    assert main(["report", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^layer\s+domain\s+affine\s+batches$", out, re.M)
+    assert re.search(r"^4\s+target\s+yes\s+1$", out, re.M)
+    assert "! 1: non-finite values in running_var (1 channel): " in out and "bnctl.recalibrate(model, loader)" in out
+    assert "! extra: statistics never updated (all 0 and 1): load the pretrained statistics" in out
+    assert main(["report", str(path), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["problems"] == 2 and {(r["name"], r["domain"]) for r in data["layers"]} == {
+        ("1", "default"), ("4", "default"), ("4", "target"), ("extra", "default")}
+    clean = tmp_path / "ok.pt"
+    torch.save(trained_state(), clean)
+    assert main(["report", str(clean)]) == 0
+    assert "0 warning(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b""])
+def test_report_unreadable_file_is_one_line_and_status_2(tmp_path, capsys, content):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(content)
+    assert main(["report", str(path)]) == 2
+    assert main(["report", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnctl: error:") and err.count("\n") == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["inspect", "--json"], ["report"], ["report", "--json"]])
+def test_a_closed_pipe_ends_quietly_with_the_command_s_status(tmp_path, command):
+    import subprocess
+    import sys
+
+    state = {f"{i}.{k}": v for i in range(200) for k, v in trained_state().items() if k.startswith("1.")}
+    state["0.1.running_var"][0] = float("nan")  # one problem: status 1
+    path = tmp_path / "many.pt"
+    torch.save(state, path)
+    proc = subprocess.Popen([sys.executable, "-m", "bnctl", *command[:1], str(path), *command[1:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line (as `| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert err == "", err

@@ -1,6 +1,8 @@
 """Domain-specific statistics: selection, isolation, checkpoints, export, AdaBN."""
 
+import collections
 import copy
+import re
 
 import pytest
 import torch
@@ -171,3 +173,65 @@ def test_a_checkpoint_from_before_num_batches_tracked_loads_strictly():
     model = model_with_domains()
     model.load_state_dict(old, strict=True)
     assert torch.equal(model[1].running_mean__target, plain[1].running_mean)
+
+
+def test_inside_a_domain_block_the_layer_s_own_tensors_are_the_domain_s():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    model(torch.randn(8, 4))
+    bnctl.add_domains(model, "target", affine=True)
+    bn = model[1]
+    names = ("running_mean", "running_var", "num_batches_tracked", "weight", "bias")
+    with bnctl.domain(model, "target"):
+        model(torch.randn(8, 4) * 3 + 5)
+        for name in names:
+            assert getattr(bn, name) is getattr(bn, f"{name}__target"), name
+        assert int(bn.num_batches_tracked) == 2 and not torch.equal(bn.running_mean, bn._buffers["running_mean"])
+        bn.running_var = torch.full((3,), 7.0)  # assigning, too, is the domain's
+        bn.weight.data.fill_(3.0)
+    assert bn.running_var__target.eq(7).all() and not bn.running_var.eq(7).any()
+    assert bn.weight__target.eq(3).all() and not bn.weight.eq(3).any()
+    for name in names:
+        assert getattr(bn, name) is bn._parameters.get(name, bn._buffers.get(name)), name
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_a_checkpoint_saved_inside_a_domain_block_equals_one_saved_outside():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    model(torch.randn(8, 4))
+    bnctl.add_domains(model, "target", affine=True)
+    with bnctl.domain(model, "target"):
+        model(torch.randn(8, 4) + 5)
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+        buffers_inside = dict(model.named_buffers())
+    outside = model.state_dict()
+    assert list(inside) == list(outside)
+    for key in outside:
+        assert torch.equal(inside[key], outside[key]), key
+    assert buffers_inside == dict(model.named_buffers())
+    fresh = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    bnctl.add_domains(fresh, "target", affine=True)
+    with bnctl.domain(fresh, "target"):  # loading inside a block fills each domain from its own keys
+        fresh.load_state_dict(inside, strict=True)
+        assert torch.equal(fresh[1].running_mean, inside["1.running_mean__target"])
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, inside[key]), key
+    old = collections.OrderedDict((k, v) for k, v in inside.items() if "num_batches_tracked" not in k)
+    old._metadata = {"1": {"version": 1}}  # from before num_batches_tracked: each domain keeps its counter
+    with bnctl.domain(fresh, "target"):
+        fresh.load_state_dict(old)
+    assert int(fresh[1].num_batches_tracked) == 1 and int(fresh[1].num_batches_tracked__target) == 2
+
+
+def test_report_shows_the_active_domain_and_its_counts():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
+    model(torch.randn(8, 4))
+    bnctl.add_domains(model, "target", include="1")
+    outside = bnctl.report(model)
+    with bnctl.domain(model, "target"):
+        model(torch.randn(8, 4))
+        model(torch.randn(8, 4))
+        inside = bnctl.report(model)
+    assert [(r.domain, r.num_batches_tracked) for r in outside.layers] == [("default", 1), ("default", 1)]
+    assert [(r.domain, r.num_batches_tracked) for r in inside.layers] == [("target", 3), ("default", 3)]
+    assert re.search(r"^1\s+BatchNorm1d\s+torch\s+target\s", str(inside), re.M)
+    assert re.search(r"^3\s+BatchNorm1d\s+torch\s+-\s", str(inside), re.M)

@@ -1,12 +1,15 @@
 """bnctl.report(): effective behaviour, traps, statistics shift; nothing changes."""
 
 import copy
+import dataclasses
+import re
 
 import pytest
 import torch
 from torch import nn
 
 import bnctl
+from bnctl.report import MEAN_SHIFT
 from conftest import BatchNormAct2d, KeywordModel
 
 
@@ -139,3 +142,30 @@ def test_a_negative_running_var_is_flagged_also_on_frozen_batchnorm():
     frozen.running_var[1] = -2.0
     text = " | ".join(bnctl.report(nn.Sequential(m, frozen)).warnings)
     assert "0.1: negative running_var in 1 channel(s)" in text and "1: negative running_var in 1 channel(s)" in text
+
+
+def test_shift_past_a_threshold_is_flagged_with_advice_and_noise_is_not():
+    model = trained().eval()
+    shifted = bnctl.report(model, torch.randn(16, 1, 8, 8) * 3 + 2)
+    first = shifted.layers[0]
+    assert first.mean_shift > MEAN_SHIFT
+    (warning,) = [w for w in first.warnings if "far from this data" in w]
+    assert "bnctl.recalibrate" in warning and "'test_time'" in warning
+    assert re.search(r"mean shift \d\.\d{3} > 0\.5.*log var ratio \d\.\d{3} > 0\.693", warning)
+    assert "! 1: statistics far from this data" in str(shifted)
+    bnctl.recalibrate(model, [torch.randn(256, 1, 8, 8)])
+    same = bnctl.report(model, torch.randn(256, 1, 8, 8))  # data like the one the statistics came from
+    assert not [w for w in same.warnings if "far from this data" in w]
+    tiny = bnctl.report(model[:2], torch.randn(2, 1, 3, 3))  # 2 values per channel: mostly noise
+    assert tiny.layers[0].mean_shift is not None
+    assert not [w for w in tiny.layers[0].warnings if "far from this data" in w]
+
+
+def test_renorm_in_warm_up_is_flagged_with_the_one_line_fix():
+    model = trained()
+    bnctl.apply(model, "renorm", include="1")
+    bnctl.apply(model, dataclasses.replace(bnctl.PRESETS["renorm"], renorm_warmup=(2, 10)), include="5")
+    text = " | ".join(bnctl.report(model).warnings)
+    assert "1: Batch Renormalization is in its warm-up: until num_batches_tracked reaches 5000 (now 3)" in text
+    assert "renorm_warmup=(0, 1000)" in text and "exactly the 'torch' preset" in text
+    assert "5: Batch" not in text  # past its (shortened) warm-up start

@@ -209,3 +209,31 @@ def test_copies_keep_the_policy_but_not_the_scopes_of_the_original():
     twin(torch.randn(8, 3))
     assert twin.policy.name == "running_update"
     assert int(twin.num_batches_tracked) == 1 and int(twin.num_batches_tracked__tgt) == 0
+
+
+@pytest.mark.parametrize("when", ["before the first forward", "after forwards"])
+def test_unfreezing_a_frozen_layer_warns_once_naming_the_layer_and_the_fix(when):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    bnctl.apply(model, "frozen")
+    x = torch.randn(4, 3, 6, 6)
+    if when == "after forwards":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # flags that agree with the policy: silent
+            model(x).mean().backward()
+    model[1].weight.requires_grad_(True)  # what Lightning's BaseFinetuning.make_trainable does
+    with pytest.warns(UserWarning, match=r"^1: weight has requires_grad=True, but policy 'frozen'.*handle.remove"):
+        model(x).mul(torch.randn(4, 4, 4, 4)).sum().backward()
+    assert model[1].weight.grad is None  # frozen means frozen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer
+        model(x).mean().backward()
+
+
+def test_requires_grad_that_agrees_with_the_policy_never_warns():
+    for policy in ("frozen_stats", "torch", "test_time"):
+        bn = nn.BatchNorm2d(3).train()
+        bnctl.apply(bn, policy)
+        bn.weight.requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bn(torch.randn(4, 3, 2, 2)).mean().backward()

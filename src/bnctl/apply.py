@@ -8,6 +8,7 @@ overridden: a policy survives ``model.train()``/``model.eval()``.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import warnings
 from collections.abc import Iterator, Sequence
@@ -52,20 +53,52 @@ __all__ = [
 Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
 
 
-def _matcher(selector: Selector, what: str) -> Callable[[str, nn.Module], bool] | None:
-    if selector is None:
+def _patterns(selector: Selector, what: str) -> list[str] | None:
+    """The patterns of a selector given as strings; ``None`` for no selector or a predicate."""
+    if selector is None or callable(selector):
         return None
-    if isinstance(selector, str):
-        selector = [selector]
-    if callable(selector):
-        return selector  # type: ignore[return-value]
-    patterns = list(selector)
+    patterns = [selector] if isinstance(selector, str) else list(selector)
     if not all(isinstance(p, str) for p in patterns):
         raise TypeError(
-            f"{what}: expected an fnmatch pattern, a list of patterns or a predicate "
+            f"{what}: expected a module name, an fnmatch pattern, a list of them or a predicate "
             f"(name, module) -> bool, got {selector!r}."
         )
-    return lambda name, _module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return patterns
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether qualified name ``name`` is selected by ``pattern``: a module name or an ``fnmatch`` pattern
+    selects the modules it names and everything under them (``"layer1"`` selects ``layer1.0.bn1``, as timm's
+    ``freeze(model, ["layer1"])`` does; ``"layer1"`` does not select ``layer10``)."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def _matcher(selector: Selector, what: str) -> Callable[[str, nn.Module], bool] | None:
+    patterns = _patterns(selector, what)
+    if patterns is None:
+        return selector  # type: ignore[return-value]
+    return lambda name, _module: any(matches(name, p) for p in patterns)
+
+
+def _check_patterns(model: nn.Module, include: Selector) -> None:
+    """Raise for an ``include`` pattern that names no module of ``model`` at all (a typo), suggesting the
+    closest names. (An ``exclude`` pattern may name nothing: generic code excludes what some models lack.)"""
+    patterns = _patterns(include, "include")
+    if not patterns:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(matches(name, pattern) for name in names + [""]):
+            raise ValueError(f"include: expected module names or fnmatch patterns of the model, got {pattern!r}, "
+                             f"which matches no module. {_suggest(pattern, names)}")
+
+
+def _suggest(pattern: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+    if close:
+        return f"Closest module names: {close}."
+    tops = sorted({name.split(".")[0] for name in names})
+    return f"Top-level modules: {tops[:20]}{' ...' if len(tops) > 20 else ''}."
 
 
 def batchnorm_layers(
@@ -78,15 +111,28 @@ def batchnorm_layers(
 
     Args:
         model: a model, or a single BatchNorm layer.
-        include: keep only layers whose qualified name matches an ``fnmatch``
-            pattern (a string or a list of them), or for which a predicate
+        include: keep only layers in or under the modules named by a
+            qualified name or ``fnmatch`` pattern (a string or a list of them:
+            ``"layer1"`` keeps every BatchNorm layer under ``model.layer1``,
+            ``"*.bn1"`` every ``bn1``), or for which a predicate
             ``(name, module) -> bool`` is true. ``None`` keeps all.
-        exclude: drop the layers it matches (same forms).
+        exclude: drop the layers it selects (same forms).
 
     Returns:
         ``(qualified name, layer)`` pairs in ``named_modules`` order. The name
         of ``model`` itself, when it is a BatchNorm layer, is ``""``.
+
+    Raises:
+        ValueError: an ``include`` name or pattern that matches no module of
+            the model (a typo), naming the closest module names.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)),
+        ...                             torch.nn.BatchNorm2d(4))
+        >>> [name for name, _ in batchnorm_layers(model, include="0")]
+        ['0.1']
     """
+    _check_patterns(model, include)
     keep, drop = _matcher(include, "include"), _matcher(exclude, "exclude")
     return [
         (name, module)
@@ -204,8 +250,9 @@ def apply(
     Args:
         model: a model, or a single BatchNorm layer.
         policy: a preset name (see :data:`bnctl.PRESETS`) or a :class:`bnctl.Policy`.
-        include: which layers: an ``fnmatch`` pattern on qualified names, a
-            list of patterns, or a predicate ``(name, module) -> bool``.
+        include: which layers: a module's qualified name (that module and
+            everything under it, e.g. ``"layer1"``), an ``fnmatch`` pattern,
+            a list of these, or a predicate ``(name, module) -> bool``.
         exclude: which layers to leave alone (same forms).
         process_group: the ``torch.distributed`` group over which layers with
             a ``sync=True`` policy (and ``nn.SyncBatchNorm`` layers) compute
@@ -238,10 +285,12 @@ def apply(
     targets = _with_aux(batchnorm_layers(model, include, exclude))
     if not targets:
         found = [display_name(n, m) for n, m in batchnorm_layers(model)]
+        close = difflib.get_close_matches(include, found, n=3, cutoff=0.3) if isinstance(include, str) else []
         raise ValueError(
             f"expected at least one BatchNorm layer to apply {resolved.label!r} "
-            f"to, got none (include={include!r}, exclude={exclude!r}). BatchNorm layers in the "
-            f"model: {found or 'none'}."
+            f"to, got none (include={include!r}, exclude={exclude!r}). "
+            + (f"Closest BatchNorm layers: {close}. " if close else "")
+            + f"BatchNorm layers in the model: {found or 'none'}."
         )
     _check_not_wrapped(model, targets, resolved)
     handle = apply_to(targets, resolved, model, process_group=process_group)

@@ -1,14 +1,17 @@
-"""The ``bnctl`` command: ``bnctl demo`` and ``bnctl inspect``.
+"""The ``bnctl`` command: ``bnctl demo``, ``bnctl inspect`` and ``bnctl report``.
 
 The only module of bnctl that prints. ``main(argv)`` returns the exit status:
-0 on success, 1 when ``inspect`` finds problems, 2 for a usage error or a
-file it cannot read (one line on stderr, no traceback).
+0 on success, 1 when ``inspect`` or ``report`` finds problems, 2 for a usage
+error or a file it cannot read (one line on stderr, no traceback). A reader
+that closes the pipe early (``bnctl inspect model.pt | head -1``) ends the
+output quietly; the status stays what the command found.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +22,7 @@ EXAMPLES = """examples:
   bnctl demo --quick --out /tmp/d # a smaller run (about 10 s)
   bnctl inspect model.pt          # check the BatchNorm statistics of a checkpoint
   bnctl inspect model.pt --json   # the same, as JSON
+  bnctl report model.pt           # per layer: what is wrong and what to do about it
 """
 
 
@@ -29,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,inspect}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,inspect,report}")
     demo = sub.add_parser(
         "demo",
         help="measure what BatchNorm settings do, on real data (scikit-learn's digits)",
@@ -53,7 +57,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("path", help="a .pt/.pth file holding a state dict")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report = sub.add_parser(
+        "report",
+        help="what to do about each BatchNorm layer of a checkpoint (read with weights_only=True)",
+        description="Per BatchNorm layer (and bnctl domain) of a state-dict checkpoint: channels, batches "
+        "tracked, and for each problem what to do about it. Exit status: 0 nothing to do, 1 problems found, "
+        "2 unreadable file.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("path", help="a .pt/.pth file holding a state dict")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _print(*args: object) -> None:
+    """``print`` to stdout, quietly dropping what a reader that closed the pipe no longer wants."""
+    try:
+        print(*args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so later output and the interpreter's final flush go nowhere, silently."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a file (a test's capture): nothing will flush to a closed pipe
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _error(message: str) -> int:
@@ -76,21 +113,21 @@ def _demo(args: argparse.Namespace) -> int:
         return _error(str(err))
     except OSError as err:
         return _error(f"--out: cannot write results to {args.out!r} ({err.strerror or err}).")
-    print("Part A: a few SGD steps on the digits under each setting; what happened to the first "
+    _print("Part A: a few SGD steps on the digits under each setting; what happened to the first "
           "BatchNorm layer (measured)\n")
-    print(demo.format_part_a(result["part_a"]))
-    print()
-    print(demo.format_part_a_notes())
-    print(f"\nPart B: domain shift, target and source accuracy after adaptation, mean ± std over "
+    _print(demo.format_part_a(result["part_a"]))
+    _print()
+    _print(demo.format_part_a_notes())
+    _print(f"\nPart B: domain shift, target and source accuracy after adaptation, mean ± std over "
           f"{cfg.seeds} seeds\n")
-    print(demo.format_part_b(result["summary"]))
+    _print(demo.format_part_b(result["summary"]))
     files = result["files"]
-    print(f"\nwrote {files['json']}")
+    _print(f"\nwrote {files['json']}")
     if "png" in files:
-        print(f"wrote {files['png']}")
+        _print(f"wrote {files['png']}")
     else:
-        print("no plot: matplotlib is not installed (pip install 'bnctl[demo]')")
-    print(f"took {result['seconds']:.0f} s")
+        _print("no plot: matplotlib is not installed (pip install 'bnctl[demo]')")
+    _print(f"took {result['seconds']:.0f} s")
     return 0
 
 
@@ -107,25 +144,33 @@ def _inspect(args: argparse.Namespace) -> int:
         return _error(f"{args.path}: could not check the BatchNorm statistics ({type(err).__name__}: {err}).")
     problems = sum(len(c.problems) for c in checks)
     if args.json:
-        print(json.dumps({"path": args.path, "layers": checks_as_records(checks),
+        _print(json.dumps({"path": args.path, "layers": checks_as_records(checks),
                           "problems": problems}, indent=2))
         return 1 if problems else 0
     if not checks:
-        print(f"{args.path}: no BatchNorm layers found ({len(state)} tensors)")
+        _print(f"{args.path}: no BatchNorm layers found ({len(state)} tensors)")
         return 0
     names = [c.name if c.domain == "default" else f"{c.name} [{c.domain}]" for c in checks]
     width = max(len("layer"), *(len(n) for n in names))
-    print(f"{'layer'.ljust(width)}  {'channels':>8}  {'batches':>9}  problems")
+    _print(f"{'layer'.ljust(width)}  {'channels':>8}  {'batches':>9}  problems")
     for name, c in zip(names, checks):
         nbt = "-" if c.num_batches_tracked is None else str(c.num_batches_tracked)
-        print(f"{name.ljust(width)}  {c.channels:>8}  {nbt:>9}  {'; '.join(c.problems) or 'ok'}")
+        _print(f"{name.ljust(width)}  {c.channels:>8}  {nbt:>9}  {'; '.join(c.problems) or 'ok'}")
     flagged = sum(1 for c in checks if c.problems)
-    print(f"{len(checks)} BatchNorm layer(s), {flagged} with problems, {problems} problem(s)")
+    _print(f"{len(checks)} BatchNorm layer(s), {flagged} with problems, {problems} problem(s)")
     return 1 if problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``bnctl`` command line; returns the exit status."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # only argparse's own output (--help) gets here: commands print with _print
+        _drop_stdout()
+        return 0
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -135,5 +180,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "report":
+        return _report(args)
     parser.print_help()
     return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, load_state_dict
+    from .report import checkpoint_report
+
+    try:
+        state = load_state_dict(args.path)
+    except CheckpointError as err:
+        return _error(str(err))
+    try:
+        result = checkpoint_report(state)
+    except Exception as err:  # the promise: one line and exit 2 for anything it cannot read
+        return _error(f"{args.path}: could not check the BatchNorm statistics ({type(err).__name__}: {err}).")
+    problems = len(result.warnings)
+    if args.json:
+        _print(json.dumps({"path": args.path, "layers": result.records(), "problems": problems}, indent=2))
+    elif not result.layers:
+        _print(f"{args.path}: no BatchNorm layers found ({len(state)} tensors)")
+    else:
+        _print(result)
+    return 1 if problems else 0

@@ -3,8 +3,9 @@
 Each BatchNorm layer can hold several named sets of running statistics (and,
 optionally, of ``weight``/``bias``). ``with bnctl.domain(model, "target"):``
 selects one: forwards inside the block read and update only that domain's
-tensors. Outside any block the canonical tensors (``running_mean``, ...) are
-used: they are the ``"default"`` domain.
+tensors, and the layer's ``running_mean`` (...) attributes are that domain's.
+Outside any block the canonical tensors (``running_mean``, ...) are used: they
+are the ``"default"`` domain.
 
 State: domain ``d`` adds buffers ``running_mean__d``, ``running_var__d``,
 ``num_batches_tracked__d`` (and Parameters ``weight__d``, ``bias__d`` with
@@ -132,9 +133,15 @@ def domain(model: nn.Module, name: str) -> Iterator[None]:
     """Context manager: BatchNorm layers use domain ``name``'s statistics (and affine).
 
     Forwards inside the block read and update only that domain's tensors;
-    other domains are untouched. Layers without that domain keep using
-    their canonical tensors. Restores the previous selection on exit, also on
-    error.
+    other domains are untouched. Inside the block each layer's own
+    ``running_mean``, ``running_var``, ``num_batches_tracked`` (and
+    ``weight``/``bias`` where the domain has its own) are the domain's
+    tensors — to read, assign or copy into — while ``state_dict()`` keeps
+    naming every tensor by its domain: a checkpoint saved inside the block
+    equals one saved outside, and loading inside fills each domain from its
+    own keys. :func:`bnctl.report` shows the active domain. Layers without
+    that domain keep using their canonical tensors. Restores the previous
+    selection on exit, also on error.
 
     Raises:
         ValueError: if no layer of the model has domain ``name``.
@@ -144,6 +151,8 @@ def domain(model: nn.Module, name: str) -> Iterator[None]:
         >>> _ = add_domains(bn, "target")
         >>> with domain(bn, "target"):
         ...     _ = bn.train()(torch.randn(8, 3) + 5)
+        ...     int(bn.num_batches_tracked)  # the target domain's
+        1
         >>> int(bn.num_batches_tracked), int(bn.num_batches_tracked__target)
         (0, 1)
     """

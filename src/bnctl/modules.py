@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .policy import NO_UPDATE, TORCH, Plan, Policy, get_policy, kinds, make_plan, needs_running_stats
-from .state import AFFINE, STATS, LayerState, domain_key, domains, warn_in_user_code
+from .state import AFFINE, DEFAULT, STATS, LayerState, domain_key, domains, warn_in_user_code
 
 __all__ = [
     "BatchNorm1d",
@@ -53,10 +53,45 @@ __all__ = [
 ]
 
 
+_DOMAIN_TENSORS = frozenset(STATS + AFFINE)
+
+
+def _active_key(layer: nn.Module, name: str) -> str | None:
+    """Inside ``bnctl.domain(model, d)``: the attribute holding domain ``d``'s tensor ``name`` (one of
+    :data:`~bnctl.state.STATS`, :data:`~bnctl.state.AFFINE`), else ``None`` (the canonical one is meant)."""
+    state: LayerState | None = layer.__dict__.get("_bnctl")
+    if state is None or state.domain == DEFAULT:
+        return None
+    key = domain_key(name, state.domain)
+    found = layer.__dict__.get("_buffers", {}).get(key, layer.__dict__.get("_parameters", {}).get(key))
+    return key if found is not None else None
+
+
 class _PolicyForward(_BatchNorm):
-    """Mixin placed just above ``_BatchNorm`` in a layer's MRO; holds the one policy forward."""
+    """Mixin placed just above ``_BatchNorm`` in a layer's MRO; holds the one policy forward.
+
+    Inside ``bnctl.domain(model, d)`` the layer's ``running_mean``, ``running_var``, ``num_batches_tracked``
+    (and ``weight``/``bias`` where the domain has its own) read and assign domain ``d``'s tensors, while the
+    state dict and ``named_buffers()`` keep naming each tensor by its domain: attribute access is redirected
+    (:meth:`__getattr__`, :meth:`__setattr__`), the tensors stay where they are. A forward never reads these
+    attributes (it reads the tensors its program names), so the redirection costs it nothing.
+    """
 
     _bnctl: LayerState
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _DOMAIN_TENSORS:
+            key = _active_key(self, name)
+            if key is not None:
+                name = key
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _DOMAIN_TENSORS:
+            key = _active_key(self, name)
+            if key is not None:
+                name = key
+        super().__setattr__(name, value)
 
     def forward(self, input: Tensor) -> Tensor:
         try:
@@ -90,7 +125,13 @@ class _PolicyForward(_BatchNorm):
                 if prefix + base in state_dict:
                     state_dict[prefix + attr] = state_dict[prefix + base]
                 elif base == "num_batches_tracked" and old and self.track_running_stats:
-                    state_dict[prefix + attr] = getattr(self, attr)
+                    state_dict[prefix + attr] = self._buffers[attr]
+        count = self._buffers.get("num_batches_tracked")
+        if old and self.track_running_stats and prefix + "num_batches_tracked" not in state_dict:
+            # what torch's loader does, read from the canonical buffer (inside a domain block the
+            # attribute torch reads is the domain's)
+            keep = count is not None and count.device != torch.device("meta")
+            state_dict[prefix + "num_batches_tracked"] = count if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def __reduce_ex__(self, protocol: Any) -> Any:

@@ -130,7 +130,12 @@ class Policy:
         renorm_warmup: ``(start, end)`` in updates (``num_batches_tracked``):
             ``r`` is clipped to ``[1, 1]`` and ``d`` to ``[0, 0]`` until
             ``start``, then the limits grow linearly to ``rmax``/``dmax`` at
-            ``end`` (Ioffe 2017 used 5k and 40k steps).
+            ``end`` (Ioffe 2017 used 5k and 40k steps). Until ``start`` the
+            ``renorm`` preset is exactly the ``torch`` preset, so a fine-tune
+            shorter than the default warm-up never renormalizes; shorten it in
+            one line: ``dataclasses.replace(bnctl.PRESETS["renorm"],
+            renorm_warmup=(0, 1000))``. :func:`bnctl.report` flags a layer
+            still before ``start``.
         sync: compute every batch statistic the layer uses or writes over
             the union of all ranks' batches (``torch.distributed``; the
             layer's process group, see :func:`bnctl.apply`): normalization,
@@ -263,7 +268,12 @@ PRESETS: dict[str, Policy] = {
         Policy("renorm", "ema", "running", "none", name="renorm"),
     )
 }
-"""The built-in presets, by name. See the README's truth table."""
+"""The built-in presets, by name. See the README's truth table.
+
+``renorm`` keeps the paper's warm-up (plain batch statistics until 5,000
+updates, full limits at 40,000): for a short fine-tune, start it at once with
+``dataclasses.replace(PRESETS["renorm"], renorm_warmup=(0, 1000))``.
+"""
 
 TORCH = PRESETS["torch"]
 

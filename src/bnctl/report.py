@@ -27,12 +27,40 @@ from .recalibrate import call_model
 from .state import LayerTensors, domains, never_updated
 from .updates import unchanged
 
-__all__ = ["LayerReport", "Report", "report"]
+__all__ = ["LOG_VAR_RATIO", "MEAN_SHIFT", "TRAIN_EVAL_GAP", "LayerReport", "Report", "checkpoint_report", "report"]
+
+MEAN_SHIFT = 0.5
+"""Flag a layer whose standardized mean shift exceeds this: on average over channels the batch mean lies half a
+running standard deviation or more from the running mean. A batch of the data the statistics came from stays
+near its sampling noise, about ``0.8 / sqrt(n)`` for ``n`` values per channel (0.03 for a batch of 32 at 7×7);
+the threshold is raised to three times that noise for small batches, so noise alone is not flagged."""
+
+LOG_VAR_RATIO = math.log(2.0)
+"""Flag a layer whose mean ``|log(var_B / running_var)|`` exceeds this: the batch variance differs from the
+running one by a factor of 2 or more, so normalized activations are off in scale by ``sqrt(2)`` or more. Sampling
+noise of the log of a variance is about ``sqrt(2 / (n - 1))``; the threshold is raised to three times that (times
+0.8, as for the mean) for small batches."""
+
+TRAIN_EVAL_GAP = 0.5
+"""Flag a layer whose outputs with batch and with running statistics differ by half their norm or more: train()
+and eval() compute different functions there, so what is measured in eval() does not describe training. From
+sampling noise alone the gap is about ``sqrt(1.5 / n)``; the threshold is raised to three times that for small
+batches."""
+
+ADVICE = ("statistics far from this data: recalibrate on data like it (bnctl.recalibrate(model, loader); or "
+          "bnctl.add_domains(model, 'target') then recalibrate(..., domain='target') to keep the current ones), "
+          "or, where each batch is its own shift, normalize with test-batch statistics (the 'test_time' preset)")
+"""The one-line advice given with a flagged shift."""
 
 
 @dataclass
 class LayerReport:
-    """One BatchNorm layer's row of a :class:`Report` (all plain Python values)."""
+    """One BatchNorm layer's row of a :class:`Report` (all plain Python values).
+
+    ``domains`` are the layer's sets of statistics, ``domain`` the one its forwards use now (the one chosen
+    by an enclosing ``bnctl.domain`` block, else ``"default"``); ``num_batches_tracked`` and the traps are
+    that domain's.
+    """
 
     name: str
     cls: str
@@ -41,11 +69,12 @@ class LayerReport:
     eval: str
     affine: str
     momentum: float | None
-    eps: float
+    eps: float | None
     num_batches_tracked: int | None
     skipped_updates: int
     domains: list[str]
     sync: str = "-"
+    domain: str = "default"
     warnings: list[str] = field(default_factory=list)
     mean_shift: float | None = None
     log_var_ratio: float | None = None
@@ -71,16 +100,26 @@ class Report:
         if not self.layers:
             return "no BatchNorm layers"
         with_batch = any(layer.mean_shift is not None for layer in self.layers)
+        saved = all(layer.eps is None for layer in self.layers)  # from a checkpoint: no model, no policy
         header = ["layer", "class", "policy", "train()", "eval()", "affine", "momentum", "eps",
                   "batches", "skipped", "sync"]
+        with_domains = any(len(layer.domains) > 1 for layer in self.layers)
+        if with_domains and not saved:  # the domain a forward uses now (inside bnctl.domain: the chosen one)
+            header.insert(3, "domain")
+        if saved:
+            header = ["layer", "domain", "affine", "batches"]
         if with_batch:
             header += ["mean shift", "log var ratio", "train/eval gap"]
         rows = []
         for r in self.layers:
+            batches = "-" if r.num_batches_tracked is None else str(r.num_batches_tracked)
             row = [r.name, r.cls, r.policy, r.train, r.eval, r.affine,
-                   "None" if r.momentum is None else f"{r.momentum:g}", f"{r.eps:g}",
-                   "-" if r.num_batches_tracked is None else str(r.num_batches_tracked),
-                   str(r.skipped_updates), r.sync]
+                   "None" if r.momentum is None else f"{r.momentum:g}", f"{r.eps:g}" if r.eps is not None else "-",
+                   batches, str(r.skipped_updates), r.sync]
+            if with_domains and not saved:
+                row.insert(3, r.domain if len(r.domains) > 1 else "-")
+            if saved:
+                row = [r.name, r.domain, r.affine, batches]
             if with_batch:
                 row += ["-" if v is None else f"{v:.3f}"
                         for v in (r.mean_shift, r.log_var_ratio, r.train_eval_gap)]
@@ -146,10 +185,24 @@ def _traps(layer: _BatchNorm) -> list[str]:
         found.append(f"momentum={momentum:g} looks like a Keras/Flax decay; PyTorch's momentum "
                      f"is the weight of the new batch (bnctl.momentum_from_decay({momentum:g}) "
                      f"= {1 - momentum:g})")
+    found += _renorm_warmup(plan, layer.num_batches_tracked)
     skipped = getattr(layer, "skipped_updates", 0)
     if skipped:
         found.append(f"{skipped} running update(s) skipped for non-finite batch statistics")
     return found
+
+
+def _renorm_warmup(plan: Plan, num_batches_tracked: Tensor | None) -> list[str]:
+    """Batch Renormalization before its warm-up starts: exactly batch-statistics BatchNorm (``torch``)."""
+    if plan.train.normalize != "renorm" or plan.train.renorm is None or num_batches_tracked is None:
+        return []
+    start, done = plan.train.renorm[2][0], int(num_batches_tracked)
+    if done >= start:
+        return []
+    return [f"Batch Renormalization is in its warm-up: until num_batches_tracked reaches {start} (now {done}) "
+            "r = 1 and d = 0, so train() is exactly the 'torch' preset, and a fine-tune shorter than "
+            f"{start - done} more updates never renormalizes. To start now: bnctl.apply(model, "
+            "dataclasses.replace(bnctl.PRESETS['renorm'], renorm_warmup=(0, 1000)))"]
 
 
 def _untracked_trap(layer: _BatchNorm, plan: Plan) -> list[str]:
@@ -165,6 +218,18 @@ def _untracked_trap(layer: _BatchNorm, plan: Plan) -> list[str]:
     return [f"track_running_stats was switched off after construction: the running statistics no longer update "
             f"in {' and '.join(lost)}" + (f", and {' and '.join(stale)} normalize{'s' * (len(stale) == 1)} with "
                                            "those stale buffers" if stale else "")]
+
+
+def _shift_warning(mean_shift: float | None, log_ratio: float | None, gap: float | None, n: int) -> list[str]:
+    """The shift measures that pass their thresholds (:data:`MEAN_SHIFT`, :data:`LOG_VAR_RATIO`,
+    :data:`TRAIN_EVAL_GAP`), with :data:`ADVICE`; nothing if none does."""
+    noise = 0.8 / math.sqrt(max(n - 1, 1))
+    limits = (("mean shift", mean_shift, max(MEAN_SHIFT, 3 * noise)),
+              ("log var ratio", log_ratio, max(LOG_VAR_RATIO, 3 * noise * math.sqrt(2))),
+              ("train/eval gap", gap, max(TRAIN_EVAL_GAP, 3 * math.sqrt(1.5 / max(n - 1, 1)))))
+    over = [f"{what} {value:.3f} > {limit:.3g}" for what, value, limit in limits
+            if value is not None and not value <= limit]
+    return [f"{ADVICE} ({', '.join(over)})"] if over else []
 
 
 def _shift(layer: _BatchNorm, x: Tensor) -> tuple[float | None, float | None, float | None]:
@@ -202,7 +267,10 @@ def report(
     / sqrt(running_var + eps)``), the log variance ratio (mean of
     ``|log((var_B + eps) / (running_var + eps))|``) and the train/eval output
     gap (``||y_batch - y_running|| / ||y_running||``). No buffer or flag
-    changes, whatever the layers' classes.
+    changes, whatever the layers' classes. A layer past a threshold
+    (:data:`MEAN_SHIFT` 0.5, :data:`LOG_VAR_RATIO` log 2, :data:`TRAIN_EVAL_GAP`
+    0.5; each raised to three times its sampling noise for a small batch;
+    their reasons in their docstrings) gets a warning with what to do.
 
     Returns:
         A :class:`Report`: print it, or use ``.records()``.
@@ -210,8 +278,8 @@ def report(
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3, momentum=0.99))
         >>> r = report(model, torch.randn(8, 4))
-        >>> r.layers[0].train, r.layers[0].eval, len(r.warnings)
-        ('batch/ema', 'running/none', 2)
+        >>> r.layers[0].train, r.layers[0].eval, len(r.warnings)  # a Keras-like momentum, never updated, shifted
+        ('batch/ema', 'running/none', 3)
     """
     layers = batchnorm_layers(model)
     inputs = {} if batch is None else _layer_inputs(model, layers, batch, forward or call_model)
@@ -219,7 +287,10 @@ def report(
     for name, layer in layers:
         row = _row(display_name(name, layer), layer)
         if name in inputs:
-            row.mean_shift, row.log_var_ratio, row.train_eval_gap = _shift(layer, inputs[name])
+            x = inputs[name]
+            row.mean_shift, row.log_var_ratio, row.train_eval_gap = _shift(layer, x)
+            n = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
+            row.warnings += _shift_warning(row.mean_shift, row.log_var_ratio, row.train_eval_gap, n)
         rows.append(row)
     return Report(rows)
 
@@ -232,6 +303,9 @@ def _row(name: str, layer: _BatchNorm) -> LayerReport:
         train="-", eval="-", affine="-", momentum=layer.momentum, eps=layer.eps, num_batches_tracked=None,
         skipped_updates=getattr(layer, "skipped_updates", 0), domains=domains(layer),
     )
+    state = layer_state(layer)
+    if state is not None and state.domain in row.domains:
+        row.domain = state.domain
     if is_uninitialized(layer):
         row.warnings.append("uninitialized lazy layer: run one forward pass to see its behaviour")
         return row
@@ -300,3 +374,54 @@ def _layer_inputs(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batch:
         for hook in hooks:
             hook.remove()
     return inputs
+
+
+_CHECKPOINT_ADVICE = (  # (what checkpoint.check_checkpoint says, what to do), first match wins
+    ("expected", "not a BatchNorm state a torch layer can load: re-save it with model.state_dict()"),
+    ("never updated", "load the pretrained statistics, or compute them with bnctl.recalibrate(model, loader) "
+                      "before normalizing with them ('frozen', eval())"),
+    ("non-finite", "a forward normalizing with these gives NaN and no EMA update can repair them: rebuild them "
+                   "with bnctl.recalibrate(model, loader)"),
+    ("negative running_var", "rebuild the statistics with bnctl.recalibrate(model, loader)"),
+    ("near-zero running_var", "channels that were constant in the data the statistics came from: normalizing "
+                              "divides by about sqrt(eps), so any change there is amplified; recalibrate on "
+                              "representative data, or check that those channels are dead"),
+    ("near-zero weight", "channels switched off (pruned, or driven to zero by weight decay): fine if intended"),
+    ("extreme values", "likely an overflow while training (mixed precision?): recalibrate on data"),
+)
+
+
+def _checkpoint_advice(problem: str) -> str:
+    advice = next((a for key, a in _CHECKPOINT_ADVICE if key in problem), "")
+    return f"{problem}: {advice}" if advice else problem
+
+
+def checkpoint_report(state: dict[str, Tensor]) -> Report:
+    """:func:`report` for a state dict without its model: per BatchNorm layer and bnctl domain found by its keys
+    (:func:`bnctl.checkpoint.check_checkpoint`), the batches tracked, and each problem with what to do.
+
+    A checkpoint holds no policy, momentum or eps: those columns stay empty (``None``/``"-"``). For a
+    model's policies, traps and statistics shift, load it and call :func:`report`.
+
+    Example:
+        >>> state = torch.nn.Sequential(torch.nn.BatchNorm1d(3)).state_dict()
+        >>> print(checkpoint_report(state))  # doctest: +NORMALIZE_WHITESPACE
+        layer  domain   affine  batches
+        0      default  yes     0
+        1 BatchNorm layer(s), 1 warning(s)
+          ! 0: statistics never updated (all 0 and 1): load the pretrained statistics, or compute them with
+            bnctl.recalibrate(model, loader) before normalizing with them ('frozen', eval())
+    """
+    from .checkpoint import check_checkpoint
+
+    rows = []
+    for check in check_checkpoint(state):
+        prefix = "" if check.name == "<root>" else check.name + "."
+        suffix = "" if check.domain == "default" else f"__{check.domain}"
+        affine = "yes" if prefix + "weight" + suffix in state or prefix + "weight" in state else "no"
+        row = LayerReport(name=check.name, cls="-", policy="-", train="-", eval="-", affine=affine, momentum=None,
+                          eps=None, num_batches_tracked=check.num_batches_tracked, skipped_updates=0,
+                          domains=[check.domain], domain=check.domain)
+        row.warnings = [_checkpoint_advice(p) for p in check.problems]
+        rows.append(row)
+    return Report(rows)

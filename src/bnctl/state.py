@@ -311,12 +311,13 @@ class LayerState:
     replay: Tape | None = None
     base_accumulators: dict[str, Accumulator] = field(default_factory=dict)
     counts: UpdateCounts = field(default_factory=UpdateCounts)
+    warned_frozen: bool = field(default=False, repr=False)  # see _warn_frozen
     _program: Program | None = field(default=None, repr=False)
     _agreement: tuple[Any, Any, Any] = field(default=(None, None, None), repr=False)  # see _global_stats
 
     def __setattr__(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)
-        if key != "_program":  # whatever changed, the program is settled again at the next forward
+        if key not in ("_program", "warned_frozen"):  # whatever changed, the program is settled again
             object.__setattr__(self, "_program", None)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -415,6 +416,10 @@ class LayerState:
         keys += tuple(k if self.domain == DEFAULT or domain_key(k, self.domain) not in layer._parameters
                       else domain_key(k, self.domain) for k in AFFINE)
         taped = bool(self.tapes) or self.replay is not None
+        if self.policy.learn_affine is False and not self.warned_frozen and not ctx:  # (fold's forwards, too)
+            unfrozen = [k for k in keys[3:] if getattr(layer._parameters.get(k), "requires_grad", False)]
+            if unfrozen:
+                self._warn_frozen(unfrozen[0])
 
         def half(step: Step) -> Forward:
             normalize, update = kinds(step)
@@ -495,8 +500,12 @@ class LayerState:
         if forward.detach_affine:  # frozen means frozen, whatever requires_grad says
             if weight is not None and weight.requires_grad:
                 weight = weight.detach()
+                if not self.warned_frozen and not ctx:
+                    self._warn_frozen(weight_key)
             if bias is not None and bias.requires_grad:
                 bias = bias.detach()
+                if not self.warned_frozen and not ctx:
+                    self._warn_frozen(bias_key)
         limits = forward.limits
         if forward.normalize == RENORM and limits is None:
             limits = renorm_limits(*forward.step.renorm, buffers[count_key])  # type: ignore[misc]
@@ -522,6 +531,22 @@ class LayerState:
         if not forward.replayed:
             self.commit(layer, forward, stats, ctx)  # type: ignore[arg-type]
         return out
+
+    def _warn_frozen(self, key: str) -> None:
+        """Once per layer: ``requires_grad=True`` on a parameter the policy freezes, which gets no gradient.
+
+        Reached only from the branch of :meth:`forward` that detaches such a parameter, so a layer whose flags
+        agree with its policy pays nothing for the check.
+        """
+        self.warned_frozen = True
+        warn_in_user_code(
+            f"{self.name}: {key} has requires_grad=True, but policy {self.policy.label!r} freezes the affine "
+            "part, so it gets no gradient (frozen means frozen, whatever requires_grad says; something set it "
+            "after bnctl.apply, e.g. Lightning's BaseFinetuning.make_trainable). To train it, apply a policy "
+            "that learns weight and bias (e.g. 'frozen_stats', or dataclasses.replace(policy, "
+            "learn_affine=True)), or remove the policy with handle.remove(). Warned once per layer.",
+            UserWarning,
+        )
 
     def _synced(self, layer: nn.Module, forward: Forward, args: tuple, limits: Limits | None, ctx: int) -> Tensor:
         """A forward whose batch statistics span the ranks of ``forward.group``: one collective gives them,
