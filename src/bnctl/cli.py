@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -131,17 +132,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, check_checkpoint, checks_as_records, load_state_dict
+def _checked(path: str, check: Any) -> tuple[dict, Any] | int:
+    """``(state dict, check(state dict))`` of the checkpoint at ``path``, or the exit status of the one-line
+    error (2) for anything it cannot read or check."""
+    from .checkpoint import CheckpointError, load_state_dict
 
     try:
-        state = load_state_dict(args.path)
+        state = load_state_dict(path)
     except CheckpointError as err:
         return _error(str(err))
     try:
-        checks = check_checkpoint(state)
+        return state, check(state)
     except Exception as err:  # the promise: one line and exit 2 for anything it cannot read
-        return _error(f"{args.path}: could not check the BatchNorm statistics ({type(err).__name__}: {err}).")
+        return _error(f"{path}: could not check the BatchNorm statistics ({type(err).__name__}: {err}).")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import check_checkpoint, checks_as_records
+
+    loaded = _checked(args.path, check_checkpoint)
+    if isinstance(loaded, int):
+        return loaded
+    state, checks = loaded
     problems = sum(len(c.problems) for c in checks)
     if args.json:
         _print(json.dumps({"path": args.path, "layers": checks_as_records(checks),
@@ -187,17 +199,12 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, load_state_dict
     from .report import checkpoint_report
 
-    try:
-        state = load_state_dict(args.path)
-    except CheckpointError as err:
-        return _error(str(err))
-    try:
-        result = checkpoint_report(state)
-    except Exception as err:  # the promise: one line and exit 2 for anything it cannot read
-        return _error(f"{args.path}: could not check the BatchNorm statistics ({type(err).__name__}: {err}).")
+    loaded = _checked(args.path, checkpoint_report)
+    if isinstance(loaded, int):
+        return loaded
+    state, result = loaded
     problems = len(result.warnings)
     if args.json:
         _print(json.dumps({"path": args.path, "layers": result.records(), "problems": problems}, indent=2))
