@@ -24,6 +24,7 @@ import bnctl
 PRESETS = sorted(bnctl.PRESETS)
 UPDATING = ("torch", "running_update", "renorm")  # presets whose train() forward updates running statistics
 BLEND = bnctl.Policy(0.4, "ema", 0.6, "none", learn_affine=True, name="blend")  # no preset blends
+GHOST = pytest.param(bnctl.Policy(ghost=3, name="ghost"), id="ghost")  # batches of 8: slices of 3, 3 and 2
 BN_AFFINE = ("1.weight", "1.bias", "4.weight", "4.bias")
 # A few float32 ulps: where bnctl computes batch statistics with other ops than eager's fused kernel
 # (var_mean while exporting, the EMA formula under torch.func), running statistics may differ in the last bit.
@@ -114,7 +115,7 @@ def sgd_then_eval(model: nn.Module, fn) -> torch.Tensor:
     return fn(batch(0))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [*PRESETS, GHOST])
 def test_compile_aot_eager_matches_eager_exactly(preset, dynamo):
     eager, comp = copies(preset)
     want = sgd_then_eval(eager, eager)
@@ -124,7 +125,7 @@ def test_compile_aot_eager_matches_eager_exactly(preset, dynamo):
     assert_equal(buffers(comp), buffers(eager))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [*PRESETS, GHOST])
 def test_compile_inductor_gradients_float64(preset, dynamo):
     # momentum 0.5: a backward that saw the updated running statistics would be far off.
     eager, comp = copies(preset, momentum=0.5, dtype=torch.float64)
@@ -251,7 +252,7 @@ def test_trace_train_keeps_buffers_out_of_autograd(preset):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "recalibrate"])
+@pytest.mark.parametrize("preset", [*(p for p in PRESETS if p != "recalibrate"), GHOST])
 def test_export_matches_eager(preset, mode):
     eager, model = copies(preset)
     getattr(eager, mode)()

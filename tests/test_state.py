@@ -33,11 +33,11 @@ def test_program_is_settled_again_only_when_an_input_to_it_changes():
     bn, state = controlled()
     bn.train()
     forward = state.decide(bn, None)
-    program = state._program
-    assert state.decide(bn, None) is forward and state._program is program  # one decision, kept
+    program = state._programs.get(None)
+    assert state.decide(bn, None) is forward and state._programs.get(None) is program  # one decision, kept
     assert (forward.normalize, forward.update, forward.step.momentum) == (BATCH, EMA, 0.1)
     bn.momentum = 0.3
-    assert state.decide(bn, None).step.momentum == 0.3 and state._program is not program
+    assert state.decide(bn, None).step.momentum == 0.3 and state._programs.get(None) is not program
     bn.track_running_stats = False
     assert state.decide(bn, None).update == NO_UPDATE
     bn.track_running_stats = True
@@ -71,7 +71,7 @@ def test_a_stale_program_is_never_used():
         fresh = bnctl.BatchNorm2d(3, policy="torch").train()
         fresh.load_state_dict(bn.state_dict())
         change(bn), change(fresh)
-        fresh._bnctl._program = None
+        fresh._bnctl._programs = {}
         assert torch.equal(bn(x), fresh(x))
         assert all(torch.equal(a, b) for a, b in zip(bn.state_dict().values(), fresh.state_dict().values()))
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .apply import Selector, batchnorm_layers, revert
 from .fold import unfold
@@ -34,7 +35,10 @@ from .frozen import is_frozen_batchnorm
 from .modules import control, display_name, layer_state, release
 from .state import AFFINE, DEFAULT, STATS, LayerTensors, domain_key, domains
 
-__all__ = ["DEFAULT", "add_domains", "domain", "domains", "export_domain", "layers_with", "remove_domains"]
+__all__ = ["DEFAULT", "Routing", "add_domains", "domain", "domains", "export_domain", "layers_with",
+           "remove_domains"]
+
+Labels = Union[str, Sequence[str], Tensor]
 
 
 def _check_name(name: object) -> str:
@@ -100,7 +104,7 @@ def add_domains(
         if clash:
             raise ValueError(f"{display_name(lname, layer)}: domain(s) {clash} already exist.")
     for lname, layer in targets:
-        control(layer, lname)._program = None  # domains need bnctl's forward; they keep the layer controlled
+        control(layer, lname)._programs = {}  # domains need bnctl's forward; they keep the layer controlled
         for name in names:
             for base in STATS:
                 buf = getattr(layer, base)
@@ -129,8 +133,9 @@ def remove_domains(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def domain(model: nn.Module, name: str) -> Iterator[None]:
-    """Context manager: BatchNorm layers use domain ``name``'s statistics (and affine).
+def domain(model: nn.Module, name: Labels) -> Iterator[None]:
+    """Context manager: BatchNorm layers use domain ``name``'s statistics (and affine), or, given one
+    label per sample, each sample its own domain's.
 
     Forwards inside the block read and update only that domain's tensors;
     other domains are untouched. Inside the block each layer's own
@@ -143,8 +148,30 @@ def domain(model: nn.Module, name: str) -> Iterator[None]:
     that domain keep using their canonical tensors. Restores the previous
     selection on exit, also on error.
 
+    **Mixed-domain batches.** ``name`` may instead be one label per sample of
+    the batches the block's forwards run on: a list of domain names, or an
+    integer tensor of shape ``(N,)`` indexing :func:`domains` of each layer
+    (``0`` is ``"default"``). Each domain's samples are then normalized as
+    that domain's alone would be: in ``train()`` with their own batch
+    statistics, updating only their domain's running statistics; with
+    running statistics (``eval()``, or such a policy) with their domain's;
+    with their domain's ``weight``/``bias`` where it has its own. A domain
+    absent from the batch is untouched; the output is each sample's, in the
+    batch's order. Cost: one normalization per domain present, plus a gather
+    of each domain's samples and of the outputs where the labels are not
+    sorted by domain (sorted labels take views and one concatenation). The
+    grouping is computed once per block and device (one host synchronization
+    for tensor labels). The layers' own ``running_mean`` (...) attributes stay
+    those of the enclosing single-domain selection. Not combined with
+    synchronized statistics or ``bnctl.checkpoint_context`` (clear error).
+
     Raises:
-        ValueError: if no layer of the model has domain ``name``.
+        ValueError: if no layer of the model has domain ``name`` (a label
+            names an unknown domain, or an index exceeds a layer's domains);
+            labels that are neither names nor an integer tensor of shape
+            ``(N,)``. A forward whose batch has another number of samples than
+            labels, or lies on another device than a label tensor, raises
+            naming the layer, before anything is written.
 
     Example:
         >>> bn = torch.nn.BatchNorm1d(3)
@@ -155,17 +182,196 @@ def domain(model: nn.Module, name: str) -> Iterator[None]:
         1
         >>> int(bn.num_batches_tracked), int(bn.num_batches_tracked__target)
         (0, 1)
+        >>> with domain(bn, ["default"] * 4 + ["target"] * 4):  # one label per sample
+        ...     _ = bn(torch.randn(8, 3))
+        >>> int(bn.num_batches_tracked), int(bn.num_batches_tracked__target)
+        (1, 2)
     """
-    layers = layers_with(model, name)
+    if isinstance(name, str):
+        layers, routing = layers_with(model, name), None
+    else:
+        routing = Routing.of(model, name)
+        layers = routing.layers
     states = [state for state in map(layer_state, layers) if state is not None]
-    previous = [state.domain for state in states]
+    previous = [(state.domain, state.routing) for state in states]
     try:
         for state in states:
-            state.domain = name
+            if routing is None:
+                state.domain, state.routing = name, None
+            else:
+                state.routing = routing
         yield
     finally:
-        for state, prev in zip(states, previous):
-            state.domain = prev
+        for state, (prev, prev_routing) in zip(states, previous):
+            state.domain, state.routing = prev, prev_routing
+
+
+def _layers_with_domains(model: nn.Module) -> list[nn.Module]:
+    """The layers a mixed-domain block routes: every BatchNorm layer with more domains than the default."""
+    layers = [m for _, m in batchnorm_layers(model) if len(domains(m)) > 1]
+    if not layers:
+        raise ValueError("bnctl.domain: expected a model with domains for one label per sample, got none. Add "
+                         "them with bnctl.add_domains(model, names).")
+    return layers
+
+
+class _Split(NamedTuple):
+    """One layer's mixed-domain batch in parts: the domain of each part and its samples, as sizes (labels
+    sorted by domain: the parts are views of consecutive samples, the outputs concatenate) or as index
+    tensors (gathered, and the outputs scattered back). One extra pass over the batch each way where sorted,
+    two where not (``torch.split``'s and the gather's gradients are one pass each, where per-part slicing
+    or ``index_select`` would build a zero-filled batch per part)."""
+
+    domains: list[str]
+    index: list[int] | list[Tensor]
+
+    def inputs(self, x: Tensor) -> list[Tensor]:
+        if isinstance(self.index[0], int):
+            return list(x.split(self.index))  # type: ignore[arg-type]
+        return list(_Gather.apply(x, *self.index))
+
+    def merge(self, outs: list[Tensor]) -> Tensor:
+        if isinstance(self.index[0], int):
+            return torch.cat(outs)
+        return _Scatter.apply(self.index, *outs)
+
+
+def _rows_like(t: Tensor, n: int) -> Tensor:
+    """An uninitialized tensor of ``n`` rows shaped as ``t``'s, in ``t``'s memory format."""
+    out = t.new_empty((n, *t.shape[1:]))
+    if t.dim() in (4, 5) and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d):
+        out = out.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return out
+
+
+class _Gather(torch.autograd.Function):
+    """The rows of ``x`` at each index (disjoint, covering ``x``): one pass; its gradient scatters back in one."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *index: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.index = index
+        return tuple(x.index_select(0, i) for i in index)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (_Scatter.apply(ctx.index, *grads), *(None,) * len(ctx.index))
+
+
+class _Scatter(torch.autograd.Function):
+    """Parts put back at their rows (disjoint indices covering the output): one pass each way."""
+
+    @staticmethod
+    def forward(ctx, index: list[Tensor], *parts: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.index = index
+        out = _rows_like(parts[0], sum(i.numel() for i in index))
+        for i, part in zip(index, parts):
+            out.index_copy_(0, i, part)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, *_Gather.apply(grad, *ctx.index))
+
+
+class Routing:
+    """Which samples of a mixed-domain batch go to which domain: one per ``bnctl.domain(model, labels)`` block.
+
+    ``codes`` hold one integer per sample: a position in ``names`` (labels given as names) or an index into
+    each layer's :func:`domains` (labels given as a tensor). A layer's :class:`_Split` is computed once per
+    block for each device and each way its domains read the codes, shared by layers that read them alike.
+    """
+
+    def __init__(self, codes: Tensor, names: list[str] | None, layers: list[nn.Module], labels_device: bool):
+        self.codes, self.names, self.layers = codes, names, layers
+        self.size = codes.numel()
+        self.labels_device = labels_device  # the labels are a tensor: forwards must run on its device
+        self.present: list[int] = torch.unique(codes).tolist()  # (one host synchronization per block)
+        self._by_layer: dict[int, tuple[str, ...]] = {}
+        self._splits: dict[tuple, _Split] = {}
+
+    @classmethod
+    def of(cls, model: nn.Module, labels: object) -> Routing:
+        """The routing of ``labels`` over ``model``'s layers with domains; raises on bad labels."""
+        if isinstance(labels, Tensor):
+            if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex \
+                    or labels.dtype is torch.bool:
+                raise ValueError(
+                    f"bnctl.domain: expected labels as an integer tensor of shape (N,) (indices into "
+                    f"bnctl.domains(layer)) or a list of domain names, got a {labels.dtype} tensor of shape "
+                    f"{tuple(labels.shape)}. Use labels.long() for class-like float labels, or names."
+                )
+            routing = cls(labels.detach().long(), None, _layers_with_domains(model), labels_device=True)
+            low, high = (min(routing.present), max(routing.present)) if routing.present else (0, 0)
+            for lname, layer in batchnorm_layers(model):
+                known = domains(layer)
+                if len(known) > 1 and not (0 <= low and high < len(known)):
+                    raise ValueError(
+                        f"{display_name(lname, layer)}: expected domain indices in [0, {len(known)}) (its domains "
+                        f"are {known}), got {low if low < 0 else high}. Index bnctl.domains(layer), or give names."
+                    )
+            return routing
+        if not isinstance(labels, Sequence) or not all(isinstance(v, str) for v in labels):
+            raise ValueError(
+                "bnctl.domain: expected a domain name, a list of domain names (one per sample) or an integer "
+                f"tensor of indices into bnctl.domains(layer), got {type(labels).__name__}."
+            )
+        names = sorted(set(labels))
+        for name in names:
+            if name != DEFAULT:
+                layers_with(model, name)  # (raises for an unknown name)
+        code = {name: i for i, name in enumerate(names)}
+        return cls(torch.tensor([code[v] for v in labels], dtype=torch.long), names, _layers_with_domains(model),
+                   labels_device=False)
+
+    def describe(self, layer: nn.Module) -> str:
+        """``"mixed(a, b)"``: the domains of ``layer`` the labels route samples to."""
+        known = domains(layer)
+        read = [(n if n in known else DEFAULT) for n in self.names] if self.names is not None else known
+        routed = {read[c] for c in self.present if c < len(read)}
+        return f"mixed({', '.join(d for d in known if d in routed)})"
+
+    def split(self, layer: nn.Module, name: str, x: Tensor) -> _Split:
+        """``x``'s samples grouped by ``layer``'s domain of each (raising, naming the layer, where the labels
+        do not fit ``x``)."""
+        if x.shape[0] != self.size:
+            raise ValueError(
+                f"{name}: expected one domain label per sample, got {self.size} labels for a batch of "
+                f"{x.shape[0]}. Pass bnctl.domain the labels of the batch this forward runs on."
+            )
+        if self.labels_device and self.codes.device != x.device:
+            raise ValueError(
+                f"{name}: expected the domain labels on the batch's device ({x.device}), got them on "
+                f"{self.codes.device}. Pass labels.to(x.device) to bnctl.domain."
+            )
+        read = self._by_layer.get(id(layer))
+        if read is None:
+            known = domains(layer)
+            read = tuple((n if n in known else DEFAULT) for n in self.names) if self.names is not None \
+                else tuple(known)
+            self._by_layer[id(layer)] = read
+        key = (read, x.device)
+        split = self._splits.get(key)
+        if split is None:
+            split = self._splits[key] = self._group(read, x.device)
+        return split
+
+    def _group(self, read: tuple[str, ...], device: torch.device) -> _Split:
+        codes = self.codes.to(device)
+        groups: dict[str, list[int]] = {}
+        for c in self.present:
+            groups.setdefault(read[c], []).append(c)
+        if len(groups) == 1:
+            return _Split([next(iter(groups))], [self.size])
+        found = []
+        for domain_name, group in groups.items():
+            index = torch.isin(codes, torch.tensor(group, device=device)).nonzero().squeeze(1)
+            found.append((int(index[0]), int(index[-1]) + 1, domain_name, index))
+        found.sort(key=lambda f: f[0])  # (labels sorted by domain: the parts are consecutive, in order)
+        names = [d for *_, d, _ in found]
+        if all(stop - start == index.numel() for start, stop, _, index in found):
+            return _Split(names, [stop - start for start, stop, *_ in found])
+        return _Split(names, [index for *_, index in found])
 
 
 def layers_with(model: nn.Module, name: str) -> list[nn.Module]:

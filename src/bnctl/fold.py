@@ -44,7 +44,7 @@ from torch.nn.modules.module import (
 from . import context
 from .frozen import is_frozen_batchnorm
 from .modules import drop_act, is_uninitialized, layer_state, normalizes_only
-from .policy import RUNNING
+from .policy import MIXED, RUNNING
 from .state import LayerState, LayerTensors
 
 __all__ = ["PREFER", "FoldHandle", "FoldPair", "fold", "unfold"]
@@ -392,6 +392,8 @@ def _affine_tensors(norm: nn.Module, plain: LayerState, ctx: int) -> tuple[Layer
     if not forward.folds:
         if forward.taped:
             return None, "is recorded by an activation checkpoint (bnctl.checkpoint_context)"
+        if forward.normalize == MIXED:
+            return None, "normalizes a mixed-domain batch (bnctl.domain with one label per sample)"
         if forward.normalize != RUNNING:
             return None, f"normalizes with batch statistics in {'train' if norm.training else 'eval'}()"
         return None, f"updates its running statistics in {'train' if norm.training else 'eval'}()"

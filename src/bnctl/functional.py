@@ -32,6 +32,7 @@ from .policy import (
     BLEND,
     CUMULATIVE,
     EMA,
+    GHOST,
     NO_UPDATE,
     RENORM,
     RUNNING,
@@ -62,6 +63,7 @@ def normalize(
     *,
     alpha: float = 1.0,
     limits: Limits | None = None,
+    ghost: int = 0,
     into: tuple[Tensor, Tensor] | None = None,
     momentum: float = 0.0,
     before: Tensor | None = None,
@@ -74,8 +76,10 @@ def normalize(
 
     Args:
         how: :data:`~bnctl.policy.BATCH`, ``RUNNING``, ``RENORM`` (with
-            ``limits``, ``(r_max, d_max)``) or ``BLEND`` (with ``alpha``, the
-            weight of the batch statistics).
+            ``limits``, ``(r_max, d_max)``), ``BLEND`` (with ``alpha``, the
+            weight of the batch statistics) or ``GHOST`` (each slice of
+            ``ghost`` samples with its own batch statistics; observed: the
+            whole batch's).
         running_mean, running_var: read before anything is written; when this
             forward updates them (``into`` or ``observe``) autograd gets copies
             of them (``before``, a ``(2, C)`` copy, where the caller has one),
@@ -114,6 +118,8 @@ def normalize(
         return out, stats
     if group is not None:
         return _synced(x, how, running_mean, running_var, weight, bias, eps, alpha, limits, group, stats), stats
+    if how == GHOST:
+        return _ghost(x, ghost, running_mean, weight, bias, eps, observe, ctx)
     if how == BATCH:
         if into is not None:
             return _kernel(x, into[0], into[1], weight, bias, True, momentum, eps, ctx), None
@@ -136,11 +142,12 @@ def stages(how: int, momentum: float | None, ctx: int) -> bool:
 
     PyTorch's kernels update running statistics in the pass that normalizes
     (batch statistics, Batch Renormalization) or reduces (running statistics)
-    anyway; a blend computes its statistics with differentiable ops instead.
+    anyway; a blend computes its statistics with differentiable ops instead,
+    ghost batches merge theirs from the slices'.
     The kernels take a float weight (``momentum=None`` has one only eagerly)
     and write into their buffers, which ``vmap`` cannot batch.
     """
-    return not (how == BLEND or ctx & context.TRANSFORMED or (momentum is None and ctx != context.EAGER))
+    return not (how in (BLEND, GHOST) or ctx & context.TRANSFORMED or (momentum is None and ctx != context.EAGER))
 
 
 def update_in_kernel(args: tuple, limits: Limits | None, momentum: float, num_batches_tracked: Tensor | None,
@@ -212,6 +219,39 @@ def _batch_observed(x: Tensor, running_mean: Tensor, weight: Tensor | None, bias
     out = _kernel(x, mean_b, var_b, weight, bias, True, 1.0, eps, ctx)
     n = values_per_channel(x)
     return out, BatchStats(mean_b, var_b * ((n - 1) / n), n)
+
+
+def _ghost(x: Tensor, size: int, running_mean: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+           eps: float, observe: bool, ctx: int) -> tuple[Tensor, BatchStats | None]:
+    """Ghost batch normalization: each consecutive slice of ``size`` samples normalized with its own batch
+    statistics by PyTorch's kernel (so outputs and gradients are BatchNorm's, slice by slice), the outputs
+    concatenated. Observed: the whole batch's mean and biased variance, merged from the statistics each
+    slice's kernel computed (no second pass over ``x``; a loop over the slices measured faster on the CPU
+    than one kernel call on a reshaped copy)."""
+    parts = x.split(size)
+    if not observe:
+        return torch.cat([_kernel(p, None, None, weight, bias, True, 0.0, eps, ctx) for p in parts]), None
+    if ctx & context.EXPORTING:  # (as in _batch_observed: exporters want statistics as ops)
+        stats = [batch_stats(p, ctx) for p in parts]
+        means, variances = torch.stack([s.mean for s in stats]), torch.stack([s.var for s in stats])
+        out = torch.cat([_kernel(p, None, None, weight, bias, True, 0.0, eps, ctx) for p in parts])
+    else:  # buffers that start at zero and get momentum 1 receive each slice's mean and unbiased variance
+        means = torch.zeros((len(parts), x.shape[1]), dtype=running_mean.dtype, device=x.device)
+        variances = torch.zeros_like(means)
+        out = torch.cat([_kernel(p, means[i], variances[i], weight, bias, True, 1.0, eps, ctx)
+                         for i, p in enumerate(parts)])
+    n, samples = values_per_channel(x), x.shape[0]
+    share = means.new_full((len(parts), 1), size / samples)  # each slice's share of the batch's values
+    last = samples - size * (len(parts) - 1)
+    share[-1] = last / samples
+    if not ctx & context.EXPORTING:  # unbiased -> biased, per slice
+        per_sample = n // samples if samples else 0
+        bessel = share.new_full((len(parts), 1), (size * per_sample - 1) / (size * per_sample))
+        bessel[-1] = (last * per_sample - 1) / (last * per_sample)
+        variances = variances * bessel
+    mean = (share * means).sum(0)
+    var = (share * (variances + (means - mean).square())).sum(0)
+    return out, BatchStats(mean, var, n)
 
 
 def renorm_limits(rmax: float, dmax: float, warmup: tuple[int, int], step: Tensor | None) -> Limits:
@@ -348,7 +388,7 @@ def batch_norm(
                              f"shape {tuple(x.shape)}), got {t.numel()}.")
     how, update = kinds(step)
     has_running = running_mean is not None and running_var is not None
-    if not has_running and (how != BATCH or update != NO_UPDATE):
+    if not has_running and (how not in (BATCH, GHOST) or update != NO_UPDATE):
         raise ValueError(
             f"batch_norm: expected running statistics for mode {tuple(step[:2])}, got none. Pass "
             "running_mean and running_var, or use Mode('batch', 'none')."
@@ -358,10 +398,10 @@ def batch_norm(
                          "accumulator=bnctl.Accumulator.empty(num_features).")
     if how != RUNNING:
         check_eps(eps, "batch_norm")
-    n = values_per_channel(x)
+    n = values_per_channel(x, step.ghost)
     due = update
     how, update = for_batch(how, update, n, fallback=step.fallback, has_running_stats=has_running, name="batch_norm",
-                            got=f"input of shape {tuple(x.shape)}")
+                            got=batch_text(x, step.ghost))
     if n == 0 and due == EMA and num_batches_tracked is not None:  # counted, as nn.BatchNorm counts it
         num_batches_tracked.add_(1)
     ctx = context.current()
@@ -369,14 +409,22 @@ def batch_norm(
     alpha = float(step.normalize) if how == BLEND else 1.0
     args = (x, how, running_mean, running_var, weight, bias, eps)
     if update == NO_UPDATE:
-        return normalize(*args, alpha=alpha, limits=limits, ctx=ctx)[0]
+        return normalize(*args, alpha=alpha, limits=limits, ghost=step.ghost or 0, ctx=ctx)[0]
     if update == EMA and stages(how, step.momentum, ctx):
         return update_in_kernel(args, limits, ema_weight(step.momentum, num_batches_tracked), num_batches_tracked,
                                 ctx)[0]
-    out, stats = normalize(*args, alpha=alpha, limits=limits, observe=True, ctx=ctx)
+    out, stats = normalize(*args, alpha=alpha, limits=limits, ghost=step.ghost or 0, observe=True, ctx=ctx)
     write_running_(running_mean, running_var, num_batches_tracked, stats, step.momentum,
                    accumulator if update == CUMULATIVE else None, ctx=ctx)
     return out
+
+
+def batch_text(x: Tensor, ghost: int | None) -> str:
+    """The batch, as the one-value rule's error describes it (:func:`bnctl.policy.for_batch`)."""
+    if ghost and x.shape[0] > ghost:
+        return (f"a last ghost batch of {x.shape[0] % ghost or ghost} of {x.shape[0]} samples (ghost={ghost}) of "
+                f"input of shape {tuple(x.shape)}; a ghost size that divides the batch size avoids it")
+    return f"input of shape {tuple(x.shape)}"
 
 
 def _step_of(mode: Any, momentum: float | None) -> Step:

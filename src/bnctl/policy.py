@@ -28,6 +28,8 @@ __all__ = [
     "BLEND",
     "CUMULATIVE",
     "EMA",
+    "GHOST",
+    "MIXED",
     "NO_UPDATE",
     "RENORM",
     "RUNNING",
@@ -96,6 +98,24 @@ def check_update(value: object, field: str) -> None:
         )
 
 
+def _check_ghost(policy: Policy) -> None:
+    """Raise unless ``policy.ghost`` is a slice size the rest of the policy combines with."""
+    ghost = policy.ghost
+    if isinstance(ghost, bool) or not isinstance(ghost, int) or ghost < 1:
+        raise ValueError(f"Policy.ghost: expected a virtual batch size (an int >= 1) or None, got {ghost!r}.")
+    if policy.train_normalize != "batch":
+        raise ValueError(
+            f"Policy.ghost: ghost batches normalize each slice of {ghost} samples with its own batch statistics, "
+            f"so train_normalize must be 'batch', got {policy.train_normalize!r}. Use a preset that normalizes "
+            "with batch statistics in train() (e.g. 'torch', 'batch_no_update'), or ghost=None."
+        )
+    if policy.sync:
+        raise ValueError(
+            "Policy.ghost: ghost batches are slices of each rank's own batch, which sync=True would replace by "
+            "the union of all ranks' batches. Use sync=False with ghost, or ghost=None with sync=True."
+        )
+
+
 @dataclass(frozen=True)
 class Policy:
     """How a BatchNorm layer behaves under ``train()`` and under ``eval()``.
@@ -142,6 +162,15 @@ class Policy:
             its gradient, EMA and cumulative updates, the non-finite guard.
             Without an initialized process group it changes nothing.
             ``nn.SyncBatchNorm`` layers synchronize under any policy.
+        ghost: a virtual ("ghost") batch size ``k``: in ``train()`` each
+            consecutive slice of ``k`` samples is normalized with its own batch
+            statistics (Hoffer et al. 2017; a smaller last slice with its
+            own), while the running statistics receive one update per forward
+            from the exact statistics of the whole batch, merged from the
+            slices'. ``eval()`` is unchanged. Needs ``train_normalize="batch"``
+            and combines with every update kind, ``learn_affine``, ``fallback``
+            (a slice of one value per channel follows the one-value rule) and
+            domains, not with ``sync``. ``None``: the whole batch.
         name: preset name, for messages and reports. A policy derived from
             a preset with :func:`dataclasses.replace` keeps the name but
             displays the fields it changed (see :attr:`label`).
@@ -169,6 +198,7 @@ class Policy:
     dmax: float = 5.0
     renorm_warmup: tuple[int, int] = (5000, 40000)
     sync: bool = False
+    ghost: int | None = None
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -197,6 +227,8 @@ class Policy:
             raise ValueError(f"Policy.dmax: expected a number >= 0, got {self.dmax!r}.")
         if not isinstance(self.sync, bool):
             raise ValueError(f"Policy.sync: expected True or False, got {self.sync!r}.")
+        if self.ghost is not None:
+            _check_ghost(self)
         warm = self.renorm_warmup
         if not (
             isinstance(warm, tuple)
@@ -378,7 +410,8 @@ class Step(NamedTuple):
     weight strictly between 0 and 1 (the end points are the plain modes);
     ``update`` is ``"none"``, ``"ema"`` or ``"cumulative"``; ``momentum`` is
     the EMA weight of the new batch (``None``: PyTorch's cumulative average);
-    ``renorm`` is ``(rmax, dmax, (start, end))`` for ``normalize="renorm"``.
+    ``renorm`` is ``(rmax, dmax, (start, end))`` for ``normalize="renorm"``;
+    ``ghost`` the slice size of ghost batches (``normalize="batch"`` only).
     """
 
     normalize: Normalize
@@ -386,6 +419,7 @@ class Step(NamedTuple):
     momentum: float | None = 0.1
     fallback: bool = False
     renorm: tuple[float, float, tuple[int, int]] | None = None
+    ghost: int | None = None
 
 
 class Plan(NamedTuple):
@@ -412,7 +446,7 @@ def make_plan(
 
     def step(training: bool) -> Step:
         mode = resolve_mode(policy, training, track_running_stats, has_running_stats)
-        return make_step(mode, effective, policy.fallback, renorm)
+        return make_step(mode, effective, policy.fallback, renorm, policy.ghost if training else None)
 
     return Plan(eval=step(False), train=step(True))
 
@@ -422,17 +456,20 @@ def make_step(
     momentum: float | None,
     fallback: bool = False,
     renorm: tuple[float, float, tuple[int, int]] = (3.0, 5.0, (0, 0)),
+    ghost: int | None = None,
 ) -> Step:
-    """The :class:`Step` of ``mode``; a blend's end points become the plain modes.
+    """The :class:`Step` of ``mode``; a blend's end points become the plain modes; ``ghost`` applies
+    where batch statistics normalize.
 
     Example:
         >>> make_step(Mode(1.0, "ema"), 0.1)
-        Step(normalize='batch', update='ema', momentum=0.1, fallback=False, renorm=None)
+        Step(normalize='batch', update='ema', momentum=0.1, fallback=False, renorm=None, ghost=None)
     """
     normalize = mode.normalize
     if not isinstance(normalize, str):
         normalize = {1.0: "batch", 0.0: "running"}.get(float(normalize), float(normalize))
-    return Step(normalize, mode.update, momentum, fallback, renorm if normalize == "renorm" else None)
+    return Step(normalize, mode.update, momentum, fallback, renorm if normalize == "renorm" else None,
+                ghost if normalize == "batch" else None)
 
 
 def momentum_from_decay(decay: float) -> float:
@@ -470,8 +507,10 @@ def momentum_from_half_life(batches: float) -> float:
 
 # -- the forward path's words: mode strings become these small ints here, and only here ---------
 
-BATCH, RUNNING, RENORM, BLEND = 0, 1, 2, 3
-"""How a forward normalizes: this batch's statistics, the running ones, Batch Renormalization, a blend."""
+BATCH, RUNNING, RENORM, BLEND, GHOST, MIXED = 0, 1, 2, 3, 4, 5
+"""How a forward normalizes: this batch's statistics, the running ones, Batch Renormalization, a blend, each
+slice of ``Step.ghost`` samples with its own statistics, each sample with its domain's (a mixed-domain batch,
+which the layer state splits by domain: :meth:`bnctl.state.LayerState.decide`)."""
 NO_UPDATE, EMA, CUMULATIVE = 0, 1, 2
 """What a forward's batch does to the running statistics: nothing, an EMA, a cumulative average."""
 
@@ -486,7 +525,8 @@ def kinds(step: Step) -> tuple[int, int]:
         >>> kinds(make_step(Mode("running", "ema"), 0.1)) == (RUNNING, EMA)
         True
     """
-    return _NORMALIZE_KINDS.get(step.normalize, BLEND), _UPDATE_KINDS[step.update]  # type: ignore[call-overload]
+    normalize = GHOST if step.ghost else _NORMALIZE_KINDS.get(step.normalize, BLEND)  # type: ignore[call-overload]
+    return normalize, _UPDATE_KINDS[step.update]
 
 
 def for_batch(normalize: int, update: int, n: int, *, fallback: bool, has_running_stats: bool, name: str,

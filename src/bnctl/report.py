@@ -58,8 +58,10 @@ class LayerReport:
     """One BatchNorm layer's row of a :class:`Report` (all plain Python values).
 
     ``domains`` are the layer's sets of statistics, ``domain`` the one its forwards use now (the one chosen
-    by an enclosing ``bnctl.domain`` block, else ``"default"``); ``num_batches_tracked`` and the traps are
-    that domain's.
+    by an enclosing ``bnctl.domain`` block, else ``"default"``; in a mixed-domain block ``"mixed(a, b)"``,
+    the domains its labels route to); ``num_batches_tracked`` and the traps are those of the domain the
+    layer's own attributes show (the single-domain selection). ``train()`` shows ghost batches as
+    ``ghost(k)/update``.
     """
 
     name: str
@@ -135,6 +137,8 @@ class Report:
 
 def _mode_text(step: Step) -> str:
     normalize = step.normalize if isinstance(step.normalize, str) else f"blend({step.normalize:g})"
+    if step.ghost:
+        normalize = f"ghost({step.ghost})"
     return f"{normalize}/{step.update}"
 
 
@@ -306,6 +310,8 @@ def _row(name: str, layer: _BatchNorm) -> LayerReport:
     state = layer_state(layer)
     if state is not None and state.domain in row.domains:
         row.domain = state.domain
+    if state is not None and state.routing is not None:  # a mixed-domain block: the domains its labels name
+        row.domain = state.routing.describe(layer)
     if is_uninitialized(layer):
         row.warnings.append("uninitialized lazy layer: run one forward pass to see its behaviour")
         return row

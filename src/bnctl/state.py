@@ -35,12 +35,14 @@ from . import context
 from .context import batched
 from .distributed import across_ranks, active, check_agreement, fingerprint
 from .distributed import layer as synchronized_layer
-from .functional import Limits, normalize, renorm_limits, stages, update_in_kernel
+from .functional import Limits, batch_text, normalize, renorm_limits, stages, update_in_kernel
 from .guard import Status, copy_if_finite_, write_running_
 from .policy import (
     BLEND,
     CUMULATIVE,
     EMA,
+    GHOST,
+    MIXED,
     NO_UPDATE,
     RENORM,
     RUNNING,
@@ -130,8 +132,10 @@ class Forward(NamedTuple):
 
     ``normalize`` and ``update`` are the policy's half for the layer's mode
     (:data:`~bnctl.policy.BATCH`, ...; :data:`~bnctl.policy.NO_UPDATE`, ...)
-    after the scopes and the batch rules; ``step`` holds the rest (momentum,
-    fallback, renorm schedule) and the names for messages. ``keys`` are the
+    after the scopes and the batch rules (:data:`~bnctl.policy.MIXED`: a
+    mixed-domain batch, which :meth:`LayerState.forward` splits by domain,
+    deciding each part again); ``step`` holds the rest (momentum, fallback,
+    renorm schedule, ghost size) and the names for messages. ``keys`` are the
     attribute names of the selected domain's ``running_mean``,
     ``running_var``, ``num_batches_tracked``, ``weight`` and ``bias``.
     ``pool``: updates go to an ``accumulate``/``recalibrate`` pool.
@@ -310,22 +314,23 @@ class LayerState:
     tapes: list[Tape] = field(default_factory=list)
     replay: Tape | None = None
     base_accumulators: dict[str, Accumulator] = field(default_factory=dict)
+    routing: Any = None
     counts: UpdateCounts = field(default_factory=UpdateCounts)
     warned_frozen: bool = field(default=False, repr=False)  # see _warn_frozen
-    _program: Program | None = field(default=None, repr=False)
+    _programs: dict[str | None, Program] = field(default_factory=dict, repr=False)
     _agreement: tuple[Any, Any, Any] = field(default=(None, None, None), repr=False)  # see _global_stats
 
     def __setattr__(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)
-        if key not in ("_program", "warned_frozen"):  # whatever changed, the program is settled again
-            object.__setattr__(self, "_program", None)
+        if key not in ("_programs", "warned_frozen"):  # whatever changed, the program is settled again
+            object.__setattr__(self, "_programs", {})
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles keep policies, accumulators and counts, but not the scopes the
         original is in (those end with the original's ``with`` blocks) nor process groups."""
         state = dict(self.__dict__)
-        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tapes=[], replay=None, _program=None,
-                     _agreement=(None, None, None))
+        state.update(holds=0, no_update=0, domain=DEFAULT, pools=None, tapes=[], replay=None, routing=None,
+                     _programs={}, _agreement=(None, None, None))
         # A process group belongs to this process (it does not pickle): copies sync over the layer's
         # own group or the world group.
         state["policies"] = [dataclasses.replace(a, process_group=None) for a in self.policies]
@@ -349,12 +354,12 @@ class LayerState:
 
     def push(self, token: object, policy: Policy, process_group: Any = None) -> None:
         self.policies.append(Applied(token, policy, process_group=process_group))
-        self._program = None
+        self._programs = {}
 
     def pop(self, token: object) -> None:
         self.require_top(token)
         self.policies.pop()
-        self._program = None
+        self._programs = {}
 
     def require_top(self, token: object) -> None:
         """Raise unless ``token``'s policy is the last one applied (handles are removed LIFO)."""
@@ -367,11 +372,11 @@ class LayerState:
     def join_tape(self, tape: Tape) -> None:
         """Record this layer's forwards on ``tape`` (an activation checkpoint's first forward)."""
         self.tapes.append(tape)
-        self._program = None
+        self._programs = {}
 
     def leave_tape(self, tape: Tape) -> None:
         self.tapes.remove(tape)
-        self._program = None
+        self._programs = {}
 
     def sync_group(self, layer: nn.Module) -> Any:
         """The process group whose batches this layer's batch statistics span, or ``None`` (local).
@@ -403,18 +408,21 @@ class LayerState:
         """The tensors of the selected domain."""
         return LayerTensors.of(layer, self.domain)
 
-    def program(self, layer: nn.Module, ctx: int = context.EAGER) -> Program:
+    def program(self, layer: nn.Module, ctx: int = context.EAGER, domain: str | None = None) -> Program:
         """What every forward of ``layer`` does until something changes, for ``eval()`` and ``train()``:
         the policy resolved for the layer (:meth:`plan`), then the scopes: ``no_update`` writes
-        nothing, pools take the updates, the domain selects the tensors, a checkpoint tape records or
-        replays, the process group makes the batch. Kept on the state, except while compiling (the
-        graph keeps what it needs; a cache would only add guards)."""
+        nothing, pools take the updates, the domain selects the tensors (a mixed-domain batch,
+        :attr:`routing`, normalizes :data:`~bnctl.policy.MIXED`: each domain's samples as ``domain``'s
+        program says), a checkpoint tape records or replays, the process group makes the batch. Kept on
+        the state, except while compiling (the graph keeps what it needs; a cache would only add guards)."""
         plan = self.plan(layer)
         group = self.sync_group(layer)
         pool = self.pools is not None
-        keys = tuple(domain_key(k, self.domain) for k in STATS)
-        keys += tuple(k if self.domain == DEFAULT or domain_key(k, self.domain) not in layer._parameters
-                      else domain_key(k, self.domain) for k in AFFINE)
+        routed = domain is None and self.routing is not None
+        selected = self.domain if domain is None else domain
+        keys = tuple(domain_key(k, selected) for k in STATS)
+        keys += tuple(k if selected == DEFAULT or domain_key(k, selected) not in layer._parameters
+                      else domain_key(k, selected) for k in AFFINE)
         taped = bool(self.tapes) or self.replay is not None
         if self.policy.learn_affine is False and not self.warned_frozen and not ctx:  # (fold's forwards, too)
             unfrozen = [k for k in keys[3:] if getattr(layer._parameters.get(k), "requires_grad", False)]
@@ -425,8 +433,10 @@ class LayerState:
             normalize, update = kinds(step)
             if self.no_update:
                 update = NO_UPDATE
+            if routed:
+                normalize = MIXED
             return Forward(
-                step, normalize, update, self.domain, keys,  # type: ignore[arg-type]
+                step, normalize, update, selected, keys,  # type: ignore[arg-type]
                 alpha=float(step.normalize) if normalize == BLEND else 1.0,
                 detach_affine=self.policy.learn_affine is False,
                 pool=pool and update != NO_UPDATE,
@@ -439,12 +449,14 @@ class LayerState:
         program = Program(half(plan.eval), half(plan.train), layer.momentum, layer.track_running_stats,
                           layer._buffers.get("running_mean") is not None, ctx, sync, sync and active())
         if not ctx & context.COMPILING:
-            self._program = program
+            self._programs[domain] = program
         return program
 
-    def decide(self, layer: nn.Module, x: Tensor | None, ctx: int = context.EAGER) -> Forward:
+    def decide(self, layer: nn.Module, x: Tensor | None, ctx: int = context.EAGER, domain: str | None = None
+               ) -> Forward:
         """What this forward of ``layer`` does on ``x``: the one decision every path takes (the layer's
         forward, :func:`bnctl.fold`, the synchronized forward). No side effect but the cached program.
+        ``domain``: the part of a mixed-domain batch routed to that domain.
 
         Without ``x`` it is the decision before the batch rules (eps, the batch's size), which never
         change whether a layer normalizes with running statistics and updates nothing
@@ -454,24 +466,26 @@ class LayerState:
             ValueError: ``eps <= 0`` where batch statistics normalize, or one value per channel where
                 they are needed and the policy has no fallback (both naming the layer).
         """
-        program = self._program
+        program = self._programs.get(domain)
         if (program is None or program.ctx != ctx or program.momentum != layer.momentum
                 or program.track_running_stats is not layer.track_running_stats
                 or program.has_running_stats is (layer._buffers["running_mean"] is None)
                 or program.sync and program.synced is not active()):
-            program = self.program(layer, ctx)
+            program = self.program(layer, ctx, domain)
         forward = program.train if layer.training else program.eval
         if x is None:
             return forward
         if not layer.eps > 0 and forward.normalize != RUNNING:  # (as PyTorch: eval() takes any eps)
             check_eps(layer.eps, self.name)
-        if forward.group is not None:  # a synchronized batch: the rules apply after the collective
-            return forward
+        if forward.group is not None or forward.normalize == MIXED:  # the rules apply after the collective, or
+            return forward  # to each domain's part
         channels = x.shape[1]
         n = x.numel() // channels if channels else 0
+        if forward.normalize == GHOST:  # the smallest slice's
+            n = values_per_channel(x, forward.step.ghost)
         if n > 1:
             return forward
-        return self.for_batch(forward, n, f"input of shape {tuple(x.shape)}", layer)
+        return self.for_batch(forward, n, batch_text(x, forward.step.ghost), layer)
 
     def for_batch(self, forward: Forward, n: int, got: str, layer: nn.Module) -> Forward:
         """``forward`` on a batch of ``n`` values per channel (:func:`bnctl.policy.for_batch`)."""
@@ -484,11 +498,14 @@ class LayerState:
                                 pool=forward.pool and update != NO_UPDATE,
                                 counts_empty=n == 0 and forward.update == EMA and not forward.pool)
 
-    def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
-        """The layer's forward: :meth:`decide`, normalize (:func:`bnctl.functional.normalize`), and write
-        what the batch says where the scopes say (:mod:`bnctl.guard`)."""
+    def forward(self, layer: nn.Module, x: Tensor, decided: Forward | None = None) -> Tensor:
+        """The layer's forward: :meth:`decide` (unless ``decided``: a part of a mixed-domain batch),
+        normalize (:func:`bnctl.functional.normalize`), and write what the batch says where the scopes say
+        (:mod:`bnctl.guard`)."""
         ctx = context.current()
-        forward = self.decide(layer, x, ctx)
+        forward = self.decide(layer, x, ctx) if decided is None else decided
+        if forward.normalize == MIXED:
+            return self._routed(layer, x, ctx)
         if forward.taped:
             forward = self._taped(layer, forward)
         buffers, params = layer._buffers, layer._parameters
@@ -512,10 +529,11 @@ class LayerState:
         args = (x, forward.normalize, running_mean, running_var, weight, bias, layer.eps)
         if forward.group is not None:
             return self._synced(layer, forward, args, limits, ctx)
+        ghost = forward.step.ghost or 0
         if forward.update == NO_UPDATE:
             if forward.counts_empty and not forward.replayed and buffers[count_key] is not None:
                 buffers[count_key].add_(1)
-            return normalize(*args, alpha=forward.alpha, limits=limits, ctx=ctx)[0]
+            return normalize(*args, alpha=forward.alpha, limits=limits, ghost=ghost, ctx=ctx)[0]
         count = buffers[count_key]
         if forward.staged:
             momentum = forward.step.momentum
@@ -527,10 +545,30 @@ class LayerState:
             self.count(ok, ctx, counted=counter is not None, running=(running_mean, running_var),
                        n=values_per_channel(x) if ok is False else None)
             return out
-        out, stats = normalize(*args, alpha=forward.alpha, limits=limits, observe=True, ctx=ctx)
+        out, stats = normalize(*args, alpha=forward.alpha, limits=limits, ghost=ghost, observe=True, ctx=ctx)
         if not forward.replayed:
             self.commit(layer, forward, stats, ctx)  # type: ignore[arg-type]
         return out
+
+    def _routed(self, layer: nn.Module, x: Tensor, ctx: int) -> Tensor:
+        """A mixed-domain batch (:attr:`routing`, set by ``bnctl.domain(model, labels)``): each domain's samples
+        go through the forward of that domain (its statistics, affine, update), and the outputs go back to
+        their samples' places. Every part is decided before any runs, so a part that would raise (one value
+        per channel, a synchronized or checkpointed layer) raises before anything is written."""
+        split = self.routing.split(layer, self.name, x)
+        if len(split.domains) == 1:  # (every sample of one domain, for this layer: no copy)
+            return self.forward(layer, x, self.decide(layer, x, ctx, split.domains[0]))
+        inputs = split.inputs(x)
+        forwards = [self.decide(layer, part, ctx, name) for part, name in zip(inputs, split.domains)]
+        if any(f.group is not None or f.taped for f in forwards):
+            raise RuntimeError(
+                f"{self.name}: a mixed-domain batch (bnctl.domain with one label per sample) cannot be "
+                f"{'synchronized over ranks' if forwards[0].group is not None else 'activation-checkpointed'} "
+                "yet. Run one forward per domain (with bnctl.domain(model, name):), or use a policy with "
+                "sync=False / no bnctl.checkpoint_context for this model."
+            )
+        outs = [self.forward(layer, part, f) for part, f in zip(inputs, forwards)]
+        return split.merge(outs)
 
     def _warn_frozen(self, key: str) -> None:
         """Once per layer: ``requires_grad=True`` on a parameter the policy freezes, which gets no gradient.
@@ -585,8 +623,9 @@ class LayerState:
         checked, *tags = self._agreement
         channels, group = x.shape[1], forward.group
         entry = tags[layer.training]
-        if entry is None or entry[0] is not self._program or entry[1] != channels or entry[2].device != x.device:
-            entry = (self._program, channels, fingerprint(self.name, channels, forward.normalize, forward.update,
+        program = self._programs.get(None)
+        if entry is None or entry[0] is not program or entry[1] != channels or entry[2].device != x.device:
+            entry = (program, channels, fingerprint(self.name, channels, forward.normalize, forward.update,
                                                           forward.step.momentum, forward.alpha, x.device))
             tags[layer.training] = entry
             object.__setattr__(self, "_agreement", (checked, *tags))

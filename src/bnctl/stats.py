@@ -59,9 +59,19 @@ def reduce_dims(ndim: int) -> list[int]:
     return [0, *range(2, ndim)]
 
 
-def values_per_channel(x: Tensor) -> int:
-    """``n``: the values a channel's statistics of ``x`` (``(N, C, *)``) are taken over."""
-    return x.numel() // x.shape[1] if x.shape[1] else 0
+def values_per_channel(x: Tensor, ghost: int | None = None) -> int:
+    """``n``: the values a channel's statistics of ``x`` (``(N, C, *)``) are taken over; with ``ghost``,
+    those of its smallest slice of ``ghost`` samples (the last one).
+
+    Example:
+        >>> values_per_channel(torch.empty(10, 3, 2)), values_per_channel(torch.empty(10, 3, 2), ghost=4)
+        (20, 4)
+    """
+    n = x.numel() // x.shape[1] if x.shape[1] else 0
+    samples = x.shape[0]
+    if not ghost or samples <= ghost:
+        return n
+    return n // samples * (samples % ghost or ghost)
 
 
 def batch_stats(x: Tensor, ctx: int = context.EAGER) -> BatchStats:
