@@ -1,16 +1,16 @@
-# The two commands of the README: `make demo` (main job) and `make test`.
+# The two commands of the README: `make demo` (main job) and `make test`; `make docs` builds the site.
 # Each creates .venv on first use, with the CPU build of torch the project is tested with.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test test-integrations bench clean
+.PHONY: demo test docs test-integrations bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q -e ".[test,demo,docs]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -18,6 +18,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The documentation site (docs/, mkdocs.yml) into site/, offline; --strict: a broken link or reference fails.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 # Against the real torchvision, timm, onnxruntime and Lightning (a separate, large environment; not run by CI).
 INT_VENV ?= .venv-integrations
@@ -40,4 +44,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_layers.py
 
 clean:
-	rm -rf $(VENV) $(INT_VENV) build src/*.egg-info
+	rm -rf $(VENV) $(INT_VENV) build site src/*.egg-info
