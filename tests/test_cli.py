@@ -232,3 +232,124 @@ def test_a_closed_pipe_ends_quietly_with_the_command_s_status(tmp_path, command)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert err == "", err
+
+
+# -- bnctl compare ----------------------------------------------------------------------------------------------
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+def pretrained():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 1, 8, 8) * 2 + 1)
+    return model
+
+
+def no_batchnorm():
+    return nn.Linear(4, 2)
+
+
+def not_a_model():
+    return "a string"
+
+
+def broken():
+    raise OSError("weights not found")
+
+
+def loaders():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(80, 1, 8, 8, generator=g), torch.randint(0, 3, (80,), generator=g)
+    return [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)], [(x[48:], y[48:])]
+
+
+def one_loader():
+    return loaders()[0]
+
+
+def no_validation():
+    return loaders()[0], []
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module ``usermodels`` in the current folder, as a user's would be; sys.path and sys.modules restored."""
+    import sys
+
+    (tmp_path / "usermodels.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "usermodels", raising=False)
+    yield tmp_path
+    sys.modules.pop("usermodels", None)
+
+
+def test_compare_prints_the_table_and_writes_json_and_plot(user_module, capsys):
+    out = user_module / "out"
+    code = main(["compare", "--model", "usermodels:pretrained", "--data", "usermodels:loaders", "--steps", "3",
+                 "--settings", "torch,frozen,recalibrate+frozen_stats,frozen+fold", "--seeds", "0,1",
+                 "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert re.search(r"^\s+setting\s+train\(\)\s+val acc", text, re.M) and "suggestion: " in text
+    assert re.search(r"^[* ] frozen\+fold\s+running/none", text, re.M)
+    data = json.loads((out / "results.json").read_text())
+    assert [r["setting"] for r in data["rows"]] == ["torch", "frozen", "recalibrate+frozen_stats", "frozen+fold"]
+    assert data["seeds"] == [0, 1] and data["steps"] == 3 and data["best"] in text
+    assert f"wrote {out / 'results.json'}" in text
+    if (out / "results.png").exists():
+        assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert "no plot" in text
+
+
+def test_compare_without_matplotlib_still_writes_json(user_module, capsys, monkeypatch):
+    block_imports(monkeypatch, "matplotlib")
+    code = main(["compare", "--model", "usermodels:pretrained", "--data", "usermodels:loaders", "--steps", "2",
+                 "--settings", "torch", "--optimizer", "adam", "--lr", "1e-3", "--cycle", "--out", "o",
+                 "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0 and "no plot: matplotlib is not installed (pip install 'bnctl[demo]')" in text
+    assert (user_module / "o" / "results.json").exists() and not (user_module / "o" / "results.png").exists()
+
+
+def test_compare_exits_1_when_no_setting_finished(user_module, capsys):
+    code = main(["compare", "--model", "usermodels:pretrained", "--data", "usermodels:no_validation", "--steps", "2",
+                 "--settings", "torch,frozen", "--no-progress", "--out", "o"])
+    text = capsys.readouterr().out
+    assert code == 1 and "validation data 'val' is empty" in text and "no setting finished" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "usermodels", "--data", "usermodels:loaders"], "--model: expected MOD:NAME"),
+    (["--model", "nosuchmodule:f", "--data", "usermodels:loaders"], "--model: could not import 'nosuchmodule'"),
+    (["--model", "usermodels:resnet", "--data", "usermodels:loaders"], "has no 'resnet'; its functions"),
+    (["--model", "usermodels:not_a_model", "--data", "usermodels:loaders"], "to return a torch.nn.Module, got str"),
+    (["--model", "usermodels:broken", "--data", "usermodels:loaders"], "raised OSError: weights not found"),
+    (["--model", "usermodels:pretrained", "--data", "usermodels:one_loader"], "a pair (train, val)"),
+    (["--model", "usermodels:no_batchnorm", "--data", "usermodels:loaders"], "expected a model with BatchNorm"),
+    (["--model", "usermodels:pretrained", "--data", "usermodels:loaders", "--settings", "torch,frozn"],
+     "Did you mean 'frozen'?"),
+    (["--model", "usermodels:pretrained", "--data", "usermodels:loaders", "--seeds", "0,x"], "--seeds: expected"),
+    (["--model", "usermodels:pretrained", "--data", "usermodels:loaders", "--steps", "0"], "--steps: expected"),
+    (["--model", "usermodels:pretrained", "--data", "usermodels:loaders", "--out", "usermodels.py/out"], "--out:"),
+])
+def test_compare_errors_are_one_line_and_status_2(user_module, capsys, args, message):
+    assert main(["compare", *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnctl: error:") and err.count("\n") == 1 and "Traceback" not in err
+    assert message in err, err
+
+
+def test_compare_help_names_the_forms(capsys):
+    assert main(["compare", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "MOD:FACTORY" in out and "[recalibrate+]PRESET[+fold]" in out
+    assert main(["--help"]) == 0 and "bnctl compare --model" in capsys.readouterr().out

@@ -7,6 +7,7 @@ each of these an explicit, reversible choice per layer: a :class:`Policy`.
 
 from .adapt import BatchNormOnlyHandle, TestTimeHandle, prepare_test_time, train_only_batchnorm
 from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
+from .compare import CompareResult, Setting, compare
 from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
 from .fold import FoldHandle, fold, unfold
 from .functional import batch_norm
@@ -22,6 +23,7 @@ from .policy import (
 )
 from .recalibrate import recalibrate
 from .report import Report, report
+from .schedule import Schedule
 from .stats import Accumulator
 from .updates import accumulate, checkpoint_context, restore, snapshot
 
@@ -40,6 +42,8 @@ __all__ = [
     "unfold",
     "accumulate",
     "checkpoint_context",
+    "compare",
+    "CompareResult",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -65,6 +69,8 @@ __all__ = [
     "resolve_mode",
     "restore",
     "revert",
+    "Schedule",
+    "Setting",
     "snapshot",
     "train_only_batchnorm",
     "unregister_subclass",

@@ -1,19 +1,23 @@
-"""The ``bnctl`` command: ``bnctl demo``, ``bnctl inspect`` and ``bnctl report``.
+"""The ``bnctl`` command: ``bnctl demo``, ``bnctl compare``, ``bnctl inspect`` and ``bnctl report``.
 
 The only module of bnctl that prints. ``main(argv)`` returns the exit status:
-0 on success, 1 when ``inspect`` or ``report`` finds problems, 2 for a usage
-error or a file it cannot read (one line on stderr, no traceback). A reader
-that closes the pipe early (``bnctl inspect model.pt | head -1``) ends the
-output quietly; the status stays what the command found.
+0 on success, 1 when ``inspect`` or ``report`` finds problems or no setting of
+``compare`` finished, 2 for a usage error or a file or module it cannot read
+(one line on stderr, no traceback). A reader that closes the pipe early
+(``bnctl inspect model.pt | head -1``) ends the output quietly; the status
+stays what the command found.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -21,6 +25,8 @@ __all__ = ["main"]
 EXAMPLES = """examples:
   bnctl demo                      # the full run (about 30 s on 2 cores), results in ./bnctl-out
   bnctl demo --quick --out /tmp/d # a smaller run (about 10 s)
+  bnctl compare --model mymodels:pretrained --data mydata:loaders --steps 50
+                                  # which BatchNorm setting, measured on your model and data
   bnctl inspect model.pt          # check the BatchNorm statistics of a checkpoint
   bnctl inspect model.pt --json   # the same, as JSON
   bnctl report model.pt           # per layer: what is wrong and what to do about it
@@ -34,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,inspect,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,compare,inspect,report}")
     demo = sub.add_parser(
         "demo",
         help="measure what BatchNorm settings do, on real data (scikit-learn's digits)",
@@ -48,6 +54,31 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10, 3 with --quick)")
     demo.add_argument("--out", default="bnctl-out", help="output folder (default ./bnctl-out)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare = sub.add_parser(
+        "compare",
+        help="fine-tune copies of your model under each BatchNorm setting and compare them",
+        description="Fine-tunes a copy of the model under each setting, from the same weights and data order, "
+        "evaluates each, prints a table with the best setting and how sure that is, and writes results.json "
+        "and results.png. MOD is a module path importable from the current folder (as with python -m).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("--model", required=True, metavar="MOD:FACTORY",
+                         help="a function that returns the (pretrained) model, e.g. mymodels:pretrained")
+    compare.add_argument("--data", required=True, metavar="MOD:LOADERS",
+                         help="a function that returns (train, val): iterables of (input, target) batches")
+    compare.add_argument("--settings", default=None, metavar="A,B,...",
+                         help="comma-separated settings, each [recalibrate+]PRESET[+fold] (default: torch, frozen, "
+                         "frozen_stats, running_update, recalibrate+frozen_stats)")
+    compare.add_argument("--steps", type=int, default=100, help="fine-tuning steps per setting (default 100)")
+    compare.add_argument("--seeds", default="0", metavar="S,S,...",
+                         help="comma-separated seeds; several give mean ± std (default 0)")
+    compare.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam",
+                         help="adam (the default), adamw or sgd (momentum 0.9)")
+    compare.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    compare.add_argument("--cycle", action="store_true", help="start the training data again when it ends")
+    compare.add_argument("--out", default="bnctl-compare", help="output folder (default ./bnctl-compare)")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     inspect = sub.add_parser(
         "inspect",
         help="check the BatchNorm statistics of a checkpoint (read with weights_only=True)",
@@ -132,6 +163,97 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(spec: str, option: str) -> Any:
+    """The object ``MOD:NAME`` names, imported with the current folder on ``sys.path`` (as ``python -m`` does).
+
+    Raises:
+        ValueError: a malformed spec, a module that cannot be imported, or a missing name (one line).
+    """
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ValueError(f"{option}: expected MOD:NAME (a module path and a function in it), got {spec!r}.")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # the user's module may raise anything while importing
+        raise ValueError(f"{option}: could not import {module_name!r} ({type(err).__name__}: {err}). Run bnctl "
+                         "from the folder that holds it, or install it.") from err
+    try:
+        return functools.reduce(getattr, name.split("."), module)
+    except AttributeError:
+        public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
+        raise ValueError(f"{option}: module {module_name!r} has no {name!r}; its functions and classes: "
+                         f"{public[:15]}{' ...' if len(public) > 15 else ''}.") from None
+
+
+_OPTIMIZERS = {"sgd": ("SGD", {"momentum": 0.9}), "adam": ("Adam", {}), "adamw": ("AdamW", {})}
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import torch
+    from torch import nn
+
+    from .compare import DEFAULT_SETTINGS, as_setting, compare
+    from .demo import check_writable
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        return _error(f"--seeds: expected comma-separated integers, got {args.seeds!r}.")
+    if not seeds:
+        return _error(f"--seeds: expected at least one seed, got {args.seeds!r}.")
+    if args.steps < 1:
+        return _error(f"--steps: expected a positive number, got {args.steps}.")
+    if not args.lr > 0:
+        return _error(f"--lr: expected a positive learning rate, got {args.lr}.")
+    names = DEFAULT_SETTINGS if args.settings is None else [s.strip() for s in args.settings.split(",") if s.strip()]
+    try:
+        settings = [as_setting(name) for name in names]
+        factory, loaders = _load(args.model, "--model"), _load(args.data, "--data")
+    except ValueError as err:
+        return _error(str(err))
+    if not settings:
+        return _error(f"--settings: expected at least one setting, got {args.settings!r}.")
+    try:
+        model = factory()
+    except Exception as err:
+        return _error(f"--model: {args.model}() raised {type(err).__name__}: {err}")
+    if not isinstance(model, nn.Module):
+        return _error(f"--model: expected {args.model}() to return a torch.nn.Module, got {type(model).__name__}.")
+    try:
+        data = loaders()
+    except Exception as err:
+        return _error(f"--data: {args.data}() raised {type(err).__name__}: {err}")
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        size = f" of length {len(data)}" if isinstance(data, (tuple, list)) else ""
+        return _error(f"--data: expected {args.data}() to return a pair (train, val) of iterables of batches, "
+                      f"got {type(data).__name__}{size}.")
+    try:
+        check_writable(Path(args.out))
+    except OSError as err:
+        return _error(f"--out: cannot write results to {args.out!r} ({err.strerror or err}).")
+    cls, options = _OPTIMIZERS[args.optimizer]
+    optimizer = functools.partial(getattr(torch.optim, cls), lr=args.lr, **options)
+    try:
+        result = compare(model, data[0], data[1], settings=settings, steps=args.steps, seeds=seeds,
+                         optimizer=optimizer, cycle=args.cycle, progress=False if args.no_progress else None)
+    except (ValueError, TypeError, RuntimeError) as err:
+        return _error(str(err))
+    _print(result)
+    out = Path(args.out)
+    _print(f"\nwrote {result.to_json(out / 'results.json')}")
+    try:
+        _print(f"wrote {result.plot(out / 'results.png')}")
+    except ImportError:
+        _print("no plot: matplotlib is not installed (pip install 'bnctl[demo]')")
+    if not result.complete:
+        _print("interrupted: the table holds the settings that finished")
+        return 130
+    return 0 if result.best is not None else 1
+
+
 def _checked(path: str, check: Any) -> tuple[dict, Any] | int:
     """``(state dict, check(state dict))`` of the checkpoint at ``path``, or the exit status of the one-line
     error (2) for anything it cannot read or check."""
@@ -190,6 +312,8 @@ def _run(argv: Sequence[str] | None) -> int:
         return int(exc.code or 0)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "report":

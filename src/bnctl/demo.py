@@ -18,12 +18,17 @@ download; ``pip install 'bnctl[demo]'``).
   presets. Target accuracy and source accuracy after adaptation
   (forgetting), mean and std over seeds.
 
-Everything here computes and returns numbers; :mod:`bnctl.cli` prints them.
+Both parts run on the engine of :func:`bnctl.compare`: Part A's steps are
+:func:`bnctl.compare.fine_tune` and its "changed" columns
+:func:`bnctl.compare.batchnorm_drift`; each target of Part B is one
+:func:`bnctl.compare` call (fine-tuning settings, and settings with ``steps=0``
+that only adapt statistics), with the target and source test sets as its two
+validation sets. Everything here computes and returns numbers; :mod:`bnctl.cli`
+prints them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -31,7 +36,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -39,15 +44,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapt import prepare_test_time
-from .apply import apply, no_update
-from .domains import add_domains, domain
+from .apply import apply, batchnorm_layers, no_update
+from .compare import Setting, batchnorm_drift, batchnorm_tensors, compare, fine_tune
+from .domains import add_domains
+from .modules import display_name
 from .policy import Policy, get_policy
 from .recalibrate import progress_bar, recalibrate
 
 __all__ = ["load_digits", "measure_setting", "run", "SHIFTS"]
 
-Setting = Union[str, Policy, Callable[[nn.Module, nn.Module], None]]
+PartASetting = Union[str, Policy, Callable[[nn.Module, nn.Module], None]]
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -105,15 +111,6 @@ def _batches(x: Tensor, y: Tensor, size: int, gen: torch.Generator) -> Iterable[
         yield x[idx], y[idx]
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 128) -> float:
-    """Accuracy in the model's current mode, without touching any statistics."""
-    correct = 0
-    with torch.no_grad(), no_update(model):
-        for i in range(0, len(x), batch_size):
-            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-    return correct / len(x)
-
-
 def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int, lr: float = 3e-3) -> nn.Module:
     """Plain supervised training (Adam, batches of 64)."""
     gen = torch.Generator().manual_seed(seed)
@@ -163,40 +160,38 @@ def _normalizes_with(model: nn.Module, bn: nn.Module, x: Tensor) -> str:
 def measure_setting(
     model: nn.Module,
     bn: nn.Module,
-    setting: Setting,
+    setting: PartASetting,
     batches: list[tuple[Tensor, Tensor]],
     probe: Tensor,
 ) -> dict[str, str]:
     """Apply ``setting`` to ``model`` (a preset, a Policy, or ``fn(model, bn)``), run SGD
-    steps on ``batches``, and measure what happened to ``bn``. ``model`` is changed."""
+    steps on ``batches`` (:func:`bnctl.compare.fine_tune`, lr 0.1), and measure what happened
+    to ``bn``. ``model`` is changed."""
     model.train()
     if callable(setting):
         setting(model, bn)
     else:
         apply(model, setting)
-    before = copy.deepcopy(bn.state_dict())
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    for xb, yb in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    after = copy.deepcopy(bn.state_dict())
+    name = next(display_name(n, m) for n, m in batchnorm_layers(model) if m is bn)
+    before = batchnorm_tensors(model)
+    fine_tune(model, batches, len(batches), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    drift = next(d for d in batchnorm_drift(before, batchnorm_tensors(model)) if d.name == name)
     used = _normalizes_with(model, bn, probe)
     model.train()  # what a trainer loop does at the start of every epoch
     survives = _normalizes_with(model, bn, probe) == used
     model.eval()
     same_eval = _normalizes_with(model, bn, probe) == used
 
-    def changed(key: str) -> str:
-        return "yes" if not torch.equal(before[key], after[key]) else "no"
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
 
     return {
         "normalizes with": used,
-        "running stats changed": changed("running_mean"),
-        "num_batches_tracked changed": changed("num_batches_tracked"),
-        "weight/bias changed": changed("weight"),
-        "train() == eval()": "yes" if same_eval else "no",
-        "survives model.train()": "yes" if survives else "no",
+        "running stats changed": yes(bool(drift.stats)),
+        "num_batches_tracked changed": yes(bool(drift.updates)),
+        "weight/bias changed": yes(bool(drift.affine)),
+        "train() == eval()": yes(same_eval),
+        "survives model.train()": yes(survives),
     }
 
 
@@ -216,7 +211,7 @@ PART_A_NOTE = (
     "r = 1 and d = 0, which is exactly batch-statistics BatchNorm."
 )
 
-PART_A_SETTINGS: list[tuple[str, Setting]] = [
+PART_A_SETTINGS: list[tuple[str, PartASetting]] = [
     ("bn.eval()", forum_eval),
     ("train()+momentum=0+no grad", forum_momentum0),
     *[(f"preset {name}", name) for name in (
@@ -274,36 +269,54 @@ def _few_shot(x: Tensor, y: Tensor, shots: int, gen: torch.Generator) -> tuple[T
     return x[picked], y[picked]
 
 
-def _finetune(model: nn.Module, preset: str, x: Tensor, y: Tensor, steps: int, seed: int) -> None:
-    apply(model, _finetune_policy(preset))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randperm(len(x), generator=gen)[:25]
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    model.eval()
+class RandomBatches:
+    """Endless batches of ``size`` samples drawn at random from ``(x, y)``, the same sequence on every pass
+    (each iteration starts a generator seeded with ``seed``): few-shot fine-tuning data for
+    :func:`bnctl.compare`."""
+
+    def __init__(self, x: Tensor, y: Tensor, size: int, seed: int) -> None:
+        self.x, self.y, self.size, self.seed = x, y, size, seed
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        while True:
+            idx = torch.randperm(len(self.x), generator=gen)[: self.size]
+            yield self.x[idx], self.y[idx]
 
 
-def _record(
-    rows: dict[str, dict[str, float]],
-    target: tuple[Tensor, Tensor],
-    source: tuple[Tensor, Tensor],
-    method: str,
-    model: nn.Module,
-    target_ctx: Any = None,
-) -> None:
-    """Target accuracy (inside ``target_ctx``, e.g. a domain) and source accuracy of ``model``."""
-    with target_ctx or contextlib.nullcontext():
-        t = accuracy(model, *target)
-    rows[method] = {"target": t, "source": accuracy(model, *source)}
+def _in_batches(x: Tensor, y: Tensor, size: int = 128) -> list[tuple[Tensor, Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def _adabn(adapt: Tensor) -> Callable[[nn.Module, Any], None]:
+    """AdaBN as a ``prepare`` step: a ``"target"`` domain recalibrated on the unlabeled target images."""
+
+    def adabn(model: nn.Module, _data: Any) -> None:
+        add_domains(model, ["target"])
+        recalibrate(model, [adapt[i : i + 64] for i in range(0, len(adapt) - 1, 64)], domain="target",
+                    progress=False)
+
+    return adabn
+
+
+def part_b_settings(cfg: Config, adapt: Tensor) -> list[Setting]:
+    """Part B's methods as :class:`bnctl.Setting` objects: statistics-only adaptations (``steps=0``), then
+    few-shot fine-tuning under each of :data:`FINETUNE_PRESETS`."""
+    alpha = cfg.blend_alpha
+    blend = Policy(alpha, "none", alpha, "none", learn_affine=True, name="test_time_blend")
+    return [
+        Setting("source model as is", steps=0),
+        Setting("AdaBN (target domain)", prepare=_adabn(adapt), steps=0, domain={"target": "target"}),
+        Setting("test-batch statistics", "test_time", steps=0),
+        Setting(f"blended statistics (alpha={alpha:g})", blend, steps=0),
+        *[Setting(f"fine-tune {cfg.shots}/class, {preset}", _finetune_policy(preset)) for preset in FINETUNE_PRESETS],
+    ]
 
 
 def part_b_seed(x: Tensor, y: Tensor, seed: int, cfg: Config,
                 tick: Callable[[], None] = lambda: None) -> dict[str, dict[str, dict[str, float]]]:
-    """One seed of Part B: ``{target: {method: {"target": acc, "source": acc}}}``."""
+    """One seed of Part B: ``{target: {method: {"target": acc, "source": acc}}}``, one
+    :func:`bnctl.compare` per target."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=gen)
     n = len(x)
@@ -312,33 +325,25 @@ def part_b_seed(x: Tensor, y: Tensor, seed: int, cfg: Config,
     adapt_idx, test_idx = pool[: len(pool) // 2], pool[len(pool) // 2 :]
     torch.manual_seed(seed)
     source = train(small_cnn(), x[src_train], y[src_train], cfg.source_epochs, seed)
-    xs_test, ys_test = x[src_test], y[src_test]
+    source_test = _in_batches(x[src_test], y[src_test])
     results: dict[str, dict[str, dict[str, float]]] = {}
     for target, (_desc, shift) in SHIFTS.items():
         xa, ya = shift(x[adapt_idx], seed), y[adapt_idx]
         xt, yt = shift(x[test_idx], seed + 1), y[test_idx]
-        rows: dict[str, dict[str, float]] = {}
-        record = functools.partial(_record, rows, (xt, yt), (xs_test, ys_test))
-        record("source model as is", source)
-
-        adabn = copy.deepcopy(source)
-        add_domains(adabn, ["target"])
-        recalibrate(adabn, [xa[i : i + 64] for i in range(0, len(xa) - 1, 64)], domain="target",
-                    progress=False)
-        record("AdaBN (target domain)", adabn, target_ctx=domain(adabn, "target"))
-
-        tta = copy.deepcopy(source)
-        with prepare_test_time(tta):
-            record("test-batch statistics", tta)
-        with prepare_test_time(tta, alpha=cfg.blend_alpha):
-            record(f"blended statistics (alpha={cfg.blend_alpha:g})", tta)
-
         xf, yf = _few_shot(xa, ya, cfg.shots, gen)
-        for preset in FINETUNE_PRESETS:
-            tuned = copy.deepcopy(source)
-            _finetune(tuned, preset, xf, yf, cfg.finetune_steps, seed)
-            record(f"fine-tune {cfg.shots}/class, {preset}", tuned)
-        results[target] = rows
+        result = compare(
+            source, RandomBatches(xf, yf, 25, seed),
+            {"target": _in_batches(xt, yt), "source": source_test},
+            settings=part_b_settings(cfg, xa), steps=cfg.finetune_steps,
+            optimizer=functools.partial(torch.optim.Adam, lr=1e-3), seed=seed, progress=False,
+        )
+        if not result.complete:
+            raise KeyboardInterrupt  # compare returns what finished; the demo has nothing to show for a part
+        failed = [f"{row.name}: {row.status}" for row in result.rows if not row.finished]
+        if failed:
+            raise RuntimeError(f"bnctl demo: target {target!r}, seed {seed}: {failed}")
+        results[target] = {row.name: {"target": row.metric("target"), "source": row.metric("source")}
+                           for row in result.rows}
         tick()
     return results
 
@@ -364,7 +369,7 @@ def run(
     """
     cfg = config or (Config.quick() if quick else Config())
     if out_dir is not None:
-        _check_writable(Path(out_dir))
+        check_writable(Path(out_dir))
     start = time.perf_counter()
     x, y = load_digits()
     bar = progress_bar(1 + cfg.seeds * len(SHIFTS), "bnctl demo", progress)
@@ -408,7 +413,12 @@ def run(
     return result
 
 
-def _check_writable(out: Path) -> None:
+def check_writable(out: Path) -> None:
+    """Create ``out`` if needed and check that a file can be written in it (before minutes of work).
+
+    Raises:
+        OSError: it cannot.
+    """
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=out):
         pass

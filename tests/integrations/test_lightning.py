@@ -157,3 +157,137 @@ def test_trainer_finetuning_callback_cannot_unfreeze_or_update_a_frozen_policy(t
     for k, v in before.items():  # ...and BatchNorm, weight and statistics alike, stayed as it was
         if ".bn" in k or k.startswith("bn1.") or ".downsample.1." in k:
             assert torch.equal(after[k], v), k
+
+
+# -- bnctl's own callback: BatchNormPolicy (policies and schedules for the length of fit) ---------------------------
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return warmed(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(8, CLASSES)))
+
+
+class Recorded(pl.LightningModule):
+    """A classifier that keeps its BatchNorm statistics and affine values at the end of every training epoch, and
+    the training flag of its first BatchNorm layer seen in each validation step."""
+
+    def __init__(self, model: nn.Module, fail_at_epoch: int | None = None):
+        super().__init__()
+        self.model, self.fail_at_epoch = model, fail_at_epoch
+        self.ends: list[dict[str, dict[str, torch.Tensor]]] = []
+        self.validated_in_eval: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == self.fail_at_epoch:
+            raise RuntimeError("failed in training_step")
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.validated_in_eval.append(not self.model[1].training)
+        x, y = batch
+        self.model(x)
+
+    def on_train_epoch_end(self):
+        self.ends.append({"stats": statistics(self.model),
+                          "affine": {k: v for k, v in state(self.model).items() if k.startswith(("1.", "4."))
+                                     and ("weight" in k or "bias" in k)}})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+
+
+def _fit(module: pl.LightningModule, callbacks: list, tmp_path, epochs: int = 4) -> None:
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images(0, n=16), labels(0, n=16)), batch_size=4, shuffle=False)
+    val = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images(1, n=8), labels(1, n=8)), batch_size=4, shuffle=False)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=val)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_QUIET = ("ignore:.*does not have many workers", "ignore:.*LeafSpec", "ignore:.*smaller than the logging interval")
+
+
+@pytest.mark.filterwarnings(*_QUIET)
+def test_callback_schedule_warm_up_then_frozen_statistics_through_a_trainer(tmp_path):
+    from bnctl.integrations.lightning import BatchNormPolicy
+
+    net = _small_net()
+    start = statistics(net)
+    module = Recorded(net)
+    _fit(module, [BatchNormPolicy(schedule={0: "torch", 2: "frozen_stats"})], tmp_path)
+    ends = module.ends
+    assert len(ends) == 4 and module.validated_in_eval and all(module.validated_in_eval)  # Lightning's eval() ran
+    assert not _same(ends[0]["stats"], start) and not _same(ends[1]["stats"], ends[0]["stats"])  # torch: updated
+    assert _same(ends[2]["stats"], ends[1]["stats"]) and _same(ends[3]["stats"], ends[1]["stats"])  # frozen_stats
+    assert not _same(ends[3]["affine"], ends[1]["affine"])  # weight and bias kept learning
+    assert all(type(m) is nn.BatchNorm2d for m in batchnorms(net))  # plain torch again after fit
+    assert all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.filterwarnings(*_QUIET)
+def test_callback_frozen_through_a_trainer_and_nothing_left_after_a_failure(tmp_path):
+    from bnctl.integrations.lightning import BatchNormPolicy
+
+    net = _small_net()
+    before = state(net)
+    _fit(Recorded(net), [BatchNormPolicy("frozen", include="model.1")], tmp_path, epochs=2)
+    after = state(net)
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("1."))  # statistics and affine
+    assert not torch.equal(after["4.running_mean"], before["4.running_mean"])  # not selected: plain torch
+    assert not torch.equal(after["0.weight"], before["0.weight"])  # the rest trained
+
+    net = _small_net()
+    with pytest.raises(RuntimeError, match="failed in training_step"):
+        _fit(Recorded(net, fail_at_epoch=1), [BatchNormPolicy(schedule={0: "torch", 1: "frozen"})], tmp_path)
+    assert all(type(m) is nn.BatchNorm2d for m in batchnorms(net))
+    assert all(p.requires_grad for p in net.parameters())
+
+
+class FreezeByHand(pl.Callback):
+    """What people write instead: ``bn.eval()`` and ``requires_grad=False`` once, when fitting starts."""
+
+    def on_fit_start(self, trainer, pl_module):
+        for layer in batchnorms(pl_module):
+            layer.eval()
+            layer.weight.requires_grad_(False)
+            layer.bias.requires_grad_(False)
+
+
+class TrainEachEpoch(Recorded):
+    """A module that calls ``model.train()`` at each epoch, as much older training code does (Lightning 2.x itself
+    restores the modules' modes after validation)."""
+
+    def on_train_epoch_start(self):
+        self.model.train()
+
+
+@pytest.mark.filterwarnings(*_QUIET, "ignore:Found .* module.* in eval mode")
+def test_a_bn_eval_made_by_hand_does_not_survive_a_model_train_but_the_policy_does(tmp_path):
+    from bnctl.integrations.lightning import BatchNormPolicy
+
+    by_hand, policy = _small_net(), _small_net()
+    start = statistics(by_hand)
+    _fit(TrainEachEpoch(by_hand), [FreezeByHand()], tmp_path, epochs=2)
+    _fit(TrainEachEpoch(policy), [BatchNormPolicy("frozen")], tmp_path, epochs=2)
+    assert not _same(statistics(by_hand), start)  # model.train() switched bn.eval() back: statistics updated
+    assert _same(statistics(policy), start)
+
+
+@pytest.mark.filterwarnings(*_QUIET)
+def test_callback_by_step(tmp_path):
+    from bnctl.integrations.lightning import BatchNormPolicy
+
+    net = _small_net()
+    start = int(net[1].num_batches_tracked)
+    _fit(Recorded(net), [BatchNormPolicy(schedule={0: "frozen", 6: "torch"}, unit="step")], tmp_path, epochs=2)
+    assert int(net[1].num_batches_tracked) - start == 2 * 4 - 6  # 4 batches per epoch; updates from step 6 on
