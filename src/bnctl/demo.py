@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapt import prepare_test_time
-from .apply import apply, no_update
-from .domains import add_domains, domain
+from .apply import apply
+from .domains import add_domains
 from .policy import Policy, get_policy
 from .recalibrate import progress_bar, recalibrate
+from .scopes import domain, no_update
 
 __all__ = ["load_digits", "measure_setting", "run", "SHIFTS"]
 
