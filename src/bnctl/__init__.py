@@ -6,12 +6,13 @@ each of these an explicit, reversible choice per layer: a :class:`Policy`.
 """
 
 from .adapt import BatchNormOnlyHandle, TestTimeHandle, prepare_test_time, train_only_batchnorm
-from .apply import PolicyHandle, apply, batchnorm_layers, no_update, param_groups, revert, using
+from .apply import PolicyHandle, apply, batchnorm_layers, param_groups, revert
 from .compare import CompareResult, Setting, compare
-from .domains import DEFAULT, add_domains, domain, domains, export_domain, remove_domains
+from .domains import DEFAULT, add_domains, domains, export_domain, remove_domains
+from .ecosystem import register_subclass, unregister_subclass
 from .fold import FoldHandle, fold, unfold
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, register_subclass, unregister_subclass
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .policy import (
     PRESETS,
     Mode,
@@ -24,8 +25,9 @@ from .policy import (
 from .recalibrate import recalibrate
 from .report import Report, report
 from .schedule import Schedule
+from .scopes import accumulate, checkpoint_context, domain, no_update, using
+from .snapshots import restore, snapshot
 from .stats import Accumulator
-from .updates import accumulate, checkpoint_context, restore, snapshot
 
 __version__ = "0.1.0"
 

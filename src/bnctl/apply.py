@@ -12,17 +12,15 @@ import difflib
 import fnmatch
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, Callable, Union
 
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .frozen import Swap, is_frozen_batchnorm, swap_in, swap_out
+from .ecosystem import Swap, is_frozen_batchnorm, swap_in, swap_out
 from .modules import (
     BatchNormAct2d,
-    check_controllable,
     check_policy,
     control,
     display_name,
@@ -39,15 +37,10 @@ from .state import LayerState, domains, never_updated
 __all__ = [
     "PolicyHandle",
     "apply",
-    "using",
     "revert",
-    "no_update",
     "param_groups",
     "batchnorm_layers",
     "apply_to",
-    "hold",
-    "no_update_layers",
-    "using_layers",
 ]
 
 Selector = Union[str, Sequence[str], Callable[[str, nn.Module], bool], None]
@@ -107,7 +100,7 @@ def batchnorm_layers(
     """The BatchNorm layers of ``model`` (itself included) selected by ``include``/``exclude``.
 
     Buffers-only ``FrozenBatchNorm2d`` layers (torchvision, timm, detectron2;
-    see :mod:`bnctl.frozen`) are listed too.
+    see :mod:`bnctl.ecosystem`) are listed too.
 
     Args:
         model: a model, or a single BatchNorm layer.
@@ -141,32 +134,6 @@ def batchnorm_layers(
         and (keep is None or keep(name, module))
         and (drop is None or not drop(name, module))
     ]
-
-
-@contextmanager
-def hold(layers: list[tuple[str, _BatchNorm]]) -> Iterator[list[LayerState]]:
-    """Keep ``layers`` under bnctl's control for a block; those it took over go back after.
-
-    Checks every layer before changing any (an uninitialized lazy layer or a
-    subclass bnctl cannot control raises, naming it). Yields their states,
-    for the block to set its scope on. Buffers-only ``FrozenBatchNorm2d``
-    layers are left out: they normalize with their buffers and write nothing,
-    whatever the scope.
-    """
-    layers = [(name, layer) for name, layer in layers if not is_frozen_batchnorm(layer)]
-    for name, layer in layers:
-        check_controllable(display_name(name, layer), layer)
-    states: list[LayerState] = []
-    try:
-        for name, layer in layers:
-            state = control(layer, name)
-            state.holds += 1
-            states.append(state)
-        yield states
-    finally:
-        for (_, layer), state in zip(layers, states):
-            state.holds -= 1
-            release(layer)
 
 
 class PolicyHandle:
@@ -354,11 +321,12 @@ def _with_aux(layers: list[tuple[str, _BatchNorm]]) -> list[tuple[str, _BatchNor
     """``layers`` plus the auxiliary layers (``aux_bn``) of timm ``SplitBatchNorm2d`` among them:
     the splits of a batch follow the policy of the layer they belong to."""
     chosen = {id(m) for _, m in layers}
-    extra = [
-        (f"{name}.aux_bn.{i}" if name else f"aux_bn.{i}", aux)
-        for name, layer in layers if isinstance(getattr(layer, "aux_bn", None), nn.ModuleList)
-        for i, aux in enumerate(layer.aux_bn) if isinstance(aux, _BatchNorm) and id(aux) not in chosen
-    ]
+    extra = []
+    for name, layer in layers:
+        aux_bn = getattr(layer, "aux_bn", None)
+        if isinstance(aux_bn, nn.ModuleList):
+            extra += [(f"{name}.aux_bn.{i}" if name else f"aux_bn.{i}", aux)
+                      for i, aux in enumerate(aux_bn) if isinstance(aux, _BatchNorm) and id(aux) not in chosen]
     return layers + extra
 
 
@@ -369,7 +337,7 @@ def apply_to(
     """:func:`apply` on a list of ``(name, layer)``: every layer checked first, then all or nothing.
 
     A ``FrozenBatchNorm2d`` among them is replaced in ``model`` by a
-    ``bnctl.BatchNorm2d`` stand-in that gets the policy (:mod:`bnctl.frozen`).
+    ``bnctl.BatchNorm2d`` stand-in that gets the policy (:mod:`bnctl.ecosystem`).
     """
     for name, layer in layers:
         if not is_frozen_batchnorm(layer):
@@ -380,6 +348,7 @@ def apply_to(
     try:
         for name, layer in layers:
             if is_frozen_batchnorm(layer):
+                assert model is not None  # (checked above: swap_in raised otherwise)
                 handle._swaps.append(swap_in(model, name, layer))
                 layer = handle._swaps[-1].stand_in
             handle._push(name, layer, policy, process_group)
@@ -387,72 +356,6 @@ def apply_to(
         handle.remove()  # never leave a model half-converted
         raise
     return handle
-
-
-@contextmanager
-def using_layers(layers: list[tuple[str, _BatchNorm]], policy: Policy) -> Iterator[PolicyHandle]:
-    """:func:`using` on a list of ``(name, layer)``."""
-    handle = apply_to(layers, policy)
-    try:
-        yield handle
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def no_update_layers(layers: list[tuple[str, _BatchNorm]]) -> Iterator[None]:
-    """:func:`no_update` on a list of ``(name, layer)``."""
-    with hold(layers) as states:
-        for state in states:
-            state.no_update += 1
-        try:
-            yield
-        finally:
-            for state in states:
-                state.no_update -= 1
-
-
-@contextmanager
-def using(
-    model: nn.Module, policy: str | Policy, include: Selector = None, exclude: Selector = None, *,
-    process_group: Any = None,
-) -> Iterator[PolicyHandle]:
-    """Context manager: :func:`apply` on entry, ``remove()`` on exit (also on error).
-
-    Example:
-        >>> bn = torch.nn.BatchNorm1d(3)
-        >>> with using(bn, "frozen"):
-        ...     _ = bn(torch.randn(4, 3))
-        >>> int(bn.num_batches_tracked), type(bn) is torch.nn.BatchNorm1d
-        (0, True)
-    """
-    with apply(model, policy, include, exclude, process_group=process_group) as handle:
-        yield handle
-
-
-@contextmanager
-def no_update(model: nn.Module, include: Selector = None, exclude: Selector = None) -> Iterator[None]:
-    """Context manager: normalization unchanged, no running statistic updated.
-
-    Every selected BatchNorm layer keeps what it normalizes with (under its
-    current policy and ``training`` flag), but nothing is written to its
-    buffers, also when a policy is applied inside the block. For adversarial
-    attacks, extra loss passes, or evaluation passes in train(). Blocks nest;
-    each restores on exit, also on error.
-
-    Args:
-        model: a model, or a single BatchNorm layer.
-        include, exclude: which layers (as in :func:`apply`; default all).
-
-    Example:
-        >>> bn = torch.nn.BatchNorm1d(3).train()
-        >>> with no_update(bn):
-        ...     _ = bn(torch.randn(4, 3))
-        >>> int(bn.num_batches_tracked)
-        0
-    """
-    with no_update_layers(batchnorm_layers(model, include, exclude)):
-        yield
 
 
 def revert(model: nn.Module) -> nn.Module:

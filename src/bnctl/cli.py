@@ -257,7 +257,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _checked(path: str, check: Any) -> tuple[dict, Any] | int:
     """``(state dict, check(state dict))`` of the checkpoint at ``path``, or the exit status of the one-line
     error (2) for anything it cannot read or check."""
-    from .checkpoint import CheckpointError, load_state_dict
+    from .checkpoint_files import CheckpointError, load_state_dict
 
     try:
         state = load_state_dict(path)
@@ -270,7 +270,7 @@ def _checked(path: str, check: Any) -> tuple[dict, Any] | int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import check_checkpoint, checks_as_records
+    from .checkpoint_files import check_checkpoint, checks_as_records
 
     loaded = _checked(args.path, check_checkpoint)
     if isinstance(loaded, int):

@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .apply import Selector, apply, batchnorm_layers, no_update
-from .domains import domain as domain_scope
+from .apply import Selector, apply, batchnorm_layers
 from .fold import fold as fold_model
 from .modules import display_name
 from .policy import PRESETS, Policy, get_policy
 from .recalibrate import progress_bar, recalibrate
 from .report import report
+from .scopes import domain as domain_scope
+from .scopes import no_update
 
 __all__ = [
     "DEFAULT_SETTINGS",

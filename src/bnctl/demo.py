@@ -44,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .apply import apply, batchnorm_layers, no_update
+from .apply import apply, batchnorm_layers
 from .compare import Setting, batchnorm_drift, batchnorm_tensors, compare, fine_tune
 from .domains import add_domains
 from .modules import display_name
 from .policy import Policy, get_policy
 from .recalibrate import progress_bar, recalibrate
+from .scopes import no_update
 
 __all__ = ["load_digits", "measure_setting", "run", "SHIFTS"]
 

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import zlib
 from contextvars import ContextVar
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+if TYPE_CHECKING:
+    from .stats import BatchStats  # (stats imports this module)
 
 __all__ = ["GlobalStats", "across_ranks", "active", "check_agreement", "fingerprint", "gather_rows", "layer",
            "merge_rows", "stats_dtype", "sync_normalize"]
@@ -219,11 +222,11 @@ class _SyncNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, alpha: float,
                 running_mean: Tensor | None, running_var: Tensor | None, eps: float,
-                group: Any, stats: GlobalStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                group: Any, stats: GlobalStats | BatchStats) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         mean, var = stats.mean, stats.var
-        if alpha != 1.0:
-            mean = alpha * mean + (1.0 - alpha) * running_mean.to(torch.float64)
-            var = alpha * var + (1.0 - alpha) * running_var.to(torch.float64)
+        if alpha != 1.0:  # a blend, which reads running statistics: the batch rules choose it only with them
+            mean = alpha * mean + (1.0 - alpha) * running_mean.to(torch.float64)  # type: ignore[union-attr]
+            var = alpha * var + (1.0 - alpha) * running_var.to(torch.float64)  # type: ignore[union-attr]
         dtype = stats_dtype(x, weight)
         mean, var = mean.to(dtype), var.to(dtype)
         y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
@@ -266,7 +269,7 @@ def stats_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
 
 
 def sync_normalize(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any, stats: GlobalStats, *,
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any, stats: GlobalStats | BatchStats, *,
     alpha: float = 1.0, running_mean: Tensor | None = None, running_var: Tensor | None = None,
 ) -> tuple[Tensor, GlobalStats]:
     """``x`` normalized with ``stats``, the statistics of every rank's batch (:func:`across_ranks` of

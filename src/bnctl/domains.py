@@ -21,22 +21,20 @@ domain live in each layer's state (:mod:`bnctl.state`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .apply import Selector, batchnorm_layers, revert
+from .ecosystem import is_frozen_batchnorm
 from .fold import unfold
-from .frozen import is_frozen_batchnorm
 from .modules import control, display_name, layer_state, release
 from .state import AFFINE, DEFAULT, STATS, LayerTensors, domain_key, domains
 
-__all__ = ["DEFAULT", "Routing", "add_domains", "domain", "domains", "export_domain", "layers_with",
-           "remove_domains"]
+__all__ = ["DEFAULT", "Labels", "Routing", "add_domains", "domains", "export_domain", "layers_with", "remove_domains"]
 
 Labels = Union[str, Sequence[str], Tensor]
 
@@ -132,83 +130,9 @@ def remove_domains(model: nn.Module) -> None:
             release(layer)
 
 
-@contextlib.contextmanager
-def domain(model: nn.Module, name: Labels) -> Iterator[None]:
-    """Context manager: BatchNorm layers use domain ``name``'s statistics (and affine), or, given one
-    label per sample, each sample its own domain's.
-
-    Forwards inside the block read and update only that domain's tensors;
-    other domains are untouched. Inside the block each layer's own
-    ``running_mean``, ``running_var``, ``num_batches_tracked`` (and
-    ``weight``/``bias`` where the domain has its own) are the domain's
-    tensors — to read, assign or copy into — while ``state_dict()`` keeps
-    naming every tensor by its domain: a checkpoint saved inside the block
-    equals one saved outside, and loading inside fills each domain from its
-    own keys. :func:`bnctl.report` shows the active domain. Layers without
-    that domain keep using their canonical tensors. Restores the previous
-    selection on exit, also on error.
-
-    **Mixed-domain batches.** ``name`` may instead be one label per sample of
-    the batches the block's forwards run on: a list of domain names, or an
-    integer tensor of shape ``(N,)`` indexing :func:`domains` of each layer
-    (``0`` is ``"default"``). Each domain's samples are then normalized as
-    that domain's alone would be: in ``train()`` with their own batch
-    statistics, updating only their domain's running statistics; with
-    running statistics (``eval()``, or such a policy) with their domain's;
-    with their domain's ``weight``/``bias`` where it has its own. A domain
-    absent from the batch is untouched; the output is each sample's, in the
-    batch's order. Cost: one normalization per domain present, plus a gather
-    of each domain's samples and of the outputs where the labels are not
-    sorted by domain (sorted labels take views and one concatenation). The
-    grouping is computed once per block and device (one host synchronization
-    for tensor labels). The layers' own ``running_mean`` (...) attributes stay
-    those of the enclosing single-domain selection. Not combined with
-    synchronized statistics or ``bnctl.checkpoint_context`` (clear error).
-
-    Raises:
-        ValueError: if no layer of the model has domain ``name`` (a label
-            names an unknown domain, or an index exceeds a layer's domains);
-            labels that are neither names nor an integer tensor of shape
-            ``(N,)``. A forward whose batch has another number of samples than
-            labels, or lies on another device than a label tensor, raises
-            naming the layer, before anything is written.
-
-    Example:
-        >>> bn = torch.nn.BatchNorm1d(3)
-        >>> _ = add_domains(bn, "target")
-        >>> with domain(bn, "target"):
-        ...     _ = bn.train()(torch.randn(8, 3) + 5)
-        ...     int(bn.num_batches_tracked)  # the target domain's
-        1
-        >>> int(bn.num_batches_tracked), int(bn.num_batches_tracked__target)
-        (0, 1)
-        >>> with domain(bn, ["default"] * 4 + ["target"] * 4):  # one label per sample
-        ...     _ = bn(torch.randn(8, 3))
-        >>> int(bn.num_batches_tracked), int(bn.num_batches_tracked__target)
-        (1, 2)
-    """
-    if isinstance(name, str):
-        layers, routing = layers_with(model, name), None
-    else:
-        routing = Routing.of(model, name)
-        layers = routing.layers
-    states = [state for state in map(layer_state, layers) if state is not None]
-    previous = [(state.domain, state.routing) for state in states]
-    try:
-        for state in states:
-            if routing is None:
-                state.domain, state.routing = name, None
-            else:
-                state.routing = routing
-        yield
-    finally:
-        for state, (prev, prev_routing) in zip(states, previous):
-            state.domain, state.routing = prev, prev_routing
-
-
-def _layers_with_domains(model: nn.Module) -> list[nn.Module]:
+def _layers_with_domains(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers a mixed-domain block routes: every BatchNorm layer with more domains than the default."""
-    layers = [m for _, m in batchnorm_layers(model) if len(domains(m)) > 1]
+    layers: list[tuple[str, nn.Module]] = [(n, m) for n, m in batchnorm_layers(model) if len(domains(m)) > 1]
     if not layers:
         raise ValueError("bnctl.domain: expected a model with domains for one label per sample, got none. Add "
                          "them with bnctl.add_domains(model, names).")
@@ -223,17 +147,17 @@ class _Split(NamedTuple):
     or ``index_select`` would build a zero-filled batch per part)."""
 
     domains: list[str]
-    index: list[int] | list[Tensor]
+    samples: list[int] | list[Tensor]  # (not `index`, which would hide tuple.index)
 
     def inputs(self, x: Tensor) -> list[Tensor]:
-        if isinstance(self.index[0], int):
-            return list(x.split(self.index))  # type: ignore[arg-type]
-        return list(_Gather.apply(x, *self.index))
+        if isinstance(self.samples[0], int):
+            return list(x.split(self.samples))  # type: ignore[arg-type]
+        return list(_Gather.apply(x, *self.samples))
 
     def merge(self, outs: list[Tensor]) -> Tensor:
-        if isinstance(self.index[0], int):
+        if isinstance(self.samples[0], int):
             return torch.cat(outs)
-        return _Scatter.apply(self.index, *outs)
+        return _Scatter.apply(self.samples, *outs)
 
 
 def _rows_like(t: Tensor, n: int) -> Tensor:
@@ -282,7 +206,8 @@ class Routing:
     block for each device and each way its domains read the codes, shared by layers that read them alike.
     """
 
-    def __init__(self, codes: Tensor, names: list[str] | None, layers: list[nn.Module], labels_device: bool):
+    def __init__(self, codes: Tensor, names: list[str] | None, layers: list[tuple[str, nn.Module]],
+                 labels_device: bool):
         self.codes, self.names, self.layers = codes, names, layers
         self.size = codes.numel()
         self.labels_device = labels_device  # the labels are a tensor: forwards must run on its device
@@ -374,9 +299,9 @@ class Routing:
         return _Split(names, [index for *_, index in found])
 
 
-def layers_with(model: nn.Module, name: str) -> list[nn.Module]:
-    """The BatchNorm layers of ``model`` that have domain ``name``; raises if there are none."""
-    layers = [m for _, m in batchnorm_layers(model) if name in domains(m)]
+def layers_with(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """The BatchNorm layers of ``model`` (``(name, layer)``) that have domain ``name``; raises if there are none."""
+    layers: list[tuple[str, nn.Module]] = [(n, m) for n, m in batchnorm_layers(model) if name in domains(m)]
     if not layers:
         known = sorted({d for _, m in batchnorm_layers(model) for d in domains(m)})
         raise ValueError(

@@ -28,12 +28,13 @@ import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.module import (
     _global_backward_hooks,
     _global_backward_pre_hooks,
@@ -42,8 +43,8 @@ from torch.nn.modules.module import (
 )
 
 from . import context
-from .frozen import is_frozen_batchnorm
-from .modules import drop_act, is_uninitialized, layer_state, normalizes_only
+from .ecosystem import drop_act, is_frozen_batchnorm, normalizes_only
+from .modules import is_uninitialized, layer_state
 from .policy import MIXED, RUNNING
 from .state import LayerState, LayerTensors
 
@@ -127,7 +128,7 @@ class _Found:
     scope_name: str
     scope: nn.Module
     conv_name: str
-    conv: nn.Module
+    conv: _ConvNd
     norm_name: str
     norm: nn.Module
 
@@ -156,7 +157,7 @@ def _find(module: nn.Module, prefix: str) -> tuple[list[_Found], list[str]]:
     known = {(id(f.conv), id(f.norm)) for f in found}
     modules = dict(module.named_modules())
     for a, b in own:
-        conv, norm = modules[a], modules[b]
+        conv, norm = cast(_ConvNd, modules[a]), modules[b]  # (_is_conv proved it)
         if (id(conv), id(norm)) not in known:
             found.append(_Found(prefix, module, join(a), conv, join(b), norm))
     return found, notes
@@ -182,9 +183,11 @@ def _unshared(found: list[_Found]) -> tuple[list[_Found], list[str]]:
 
 def _path(scope: nn.Module, name: str) -> tuple[tuple[nn.Module, str, nn.Module], ...]:
     """The links ``(parent, attribute, child)`` from ``scope`` down to its submodule ``name``."""
-    links, parent = [], scope
+    links: list[tuple[nn.Module, str, nn.Module]] = []
+    parent = scope
     for part in name.split(".") if name else ():
         child = parent._modules[part]
+        assert child is not None  # (a name of named_modules())
         links.append((parent, part, child))
         parent = child
     return tuple(links)
@@ -259,8 +262,8 @@ class _Pair:
     (a key of ``_REASONS`` and its arguments), for :class:`FoldPair` to read.
     """
 
-    conv: nn.Module
-    norm: nn.Module
+    conv: _ConvNd
+    norm: nn.Module  # a BatchNorm (_BatchNorm) or a buffers-only one (is_frozen_batchnorm)
     scope: _Scope
     slot: int  # the pair's place in its scope's frames
     names: tuple[str, str]
@@ -312,16 +315,16 @@ class _Pair:
             t, mode = _affine_tensors(self.norm, self.plain, ctx)
             if t is None:
                 status = ("mode", mode)
-        if status is None:
-            sizes = self.worth_it(input)
-            learns = t.weight is not None and t.weight.requires_grad or t.bias is not None and t.bias.requires_grad
-            if sizes is not None and not (self.memory and learns and torch.is_grad_enabled()):
-                status = ("time", *sizes)
+            else:
+                sizes = self.worth_it(input)
+                learns = t.weight is not None and t.weight.requires_grad or t.bias is not None and t.bias.requires_grad
+                if sizes is not None and not (self.memory and learns and torch.is_grad_enabled()):
+                    status = ("time", *sizes)
         if not ctx & context.COMPILING:  # (a compiled graph would replay a constant)
             self.status = status or ("folded",)
         if status is not None:
             return type(conv).forward(conv, input)
-        out = self._folded(input, t, ctx)  # type: ignore[arg-type]
+        out = self._folded(input, t, ctx)  # type: ignore[arg-type]  # (status is None: t was found)
         frames[-1][self.slot] = out  # (the tensor, not its id(): older dynamo cannot trace id() of an intermediate)
         return out
 
@@ -347,10 +350,12 @@ class _Pair:
         through :class:`_FoldedConv`, which recomputes ``W * s`` in backward instead of keeping it. (The
         shift is written so that autograd keeps the parameters and buffers themselves, not new tensors.)"""
         conv, norm = self.conv, self.norm
-        scale = torch.rsqrt(t.running_var + norm.eps)
+        mean: Tensor = t.running_mean  # type: ignore[assignment]  # t folds: running statistics exist
+        var: Tensor = t.running_var  # type: ignore[assignment]  # (Forward.folds)
+        scale = torch.rsqrt(var + norm.eps)  # type: ignore[operator]  # norm.eps: a float (a BatchNorm's)
         if t.weight is not None:
             scale = t.weight * scale
-        shift = -(t.running_mean * scale) if conv.bias is None else conv.bias * scale - t.running_mean * scale
+        shift = -(mean * scale) if conv.bias is None else conv.bias * scale - mean * scale
         if t.bias is not None:
             shift = shift + t.bias
         weight = conv.weight
@@ -388,7 +393,8 @@ def _affine_tensors(norm: nn.Module, plain: LayerState, ctx: int) -> tuple[Layer
         return LayerTensors(b["running_mean"], b["running_var"], None, b["weight"], b["bias"]), ""
     if is_uninitialized(norm):
         return None, "is a lazy layer not yet materialized"
-    forward = (layer_state(norm) or plain).decide(norm, None, ctx)
+    # not buffers-only, so a _BatchNorm (fold pairs only those and buffers-only ones: _is_norm)
+    forward = (layer_state(norm) or plain).decide(norm, None, ctx)  # type: ignore[arg-type]
     if not forward.folds:
         if forward.taped:
             return None, "is recorded by an activation checkpoint (bnctl.checkpoint_context)"
@@ -408,7 +414,7 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.reshape((-1,) + (1,) * (ndim - 1))
 
 
-def _folded_conv(conv: nn.Module, input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+def _folded_conv(conv: _ConvNd, input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``conv(input, W * scale, shift)`` through :class:`_FoldedConv`: ``conv``'s padding applied as
     its ``_conv_forward`` does, and autocast's cast done here (the function sees no autocast)."""
     padding = conv.padding
@@ -480,6 +486,8 @@ class FoldPair(tuple):
     (``None`` when it folded). Read from the model as it is now: a copy of a folded model has pairs
     of its own.
     """
+
+    _pair: _Pair | None
 
     def __new__(cls, conv: str, bn: str, pair: _Pair | None = None) -> FoldPair:
         self = super().__new__(cls, (conv, bn))
@@ -635,7 +643,8 @@ def fold(model: nn.Module, *, prefer: str = "memory") -> FoldHandle:
             handle._modules.append(f.scope)
         relative = f.norm_name[len(f.scope_name) + 1:] if f.scope_name else f.norm_name
         pair = _Pair(f.conv, f.norm, scope, len(scope.pairs) + 1, (f.conv_name, f.norm_name),
-                     _path(f.scope, relative), LayerState(f.norm_name, type(f.norm), {}), prefer == "memory")
+                     _path(f.scope, relative), LayerState(f.norm_name, cast("type[_BatchNorm]", type(f.norm)), {}),
+                     prefer == "memory")  # (the plain state decides for a torch BatchNorm only: _affine_tensors)
         scope.pairs.append(pair)
         pair.conv.forward = pair.conv_forward
         pair.norm.forward = pair.norm_forward

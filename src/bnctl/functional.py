@@ -98,8 +98,9 @@ def normalize(
         The output, of the shape and memory format of ``x``, and the batch's
         statistics when ``observe`` (``stats`` as given, when synchronized).
     """
-    if how == RUNNING:
-        mean, var = running_mean, running_var
+    if how == RUNNING:  # running statistics exist: the batch rules normalize with them only then
+        mean: Tensor = running_mean  # type: ignore[assignment]
+        var: Tensor = running_var  # type: ignore[assignment]
         if ((into is not None or observe) and (x.requires_grad or weight is not None and weight.requires_grad)
                 and torch.is_grad_enabled()):
             mean, var = before.unbind() if before is not None else _snapshot(mean, var, ctx)
@@ -116,25 +117,27 @@ def normalize(
         elif observe and stats is None:
             stats = batch_stats(x, ctx)
         return out, stats
-    if group is not None:
-        return _synced(x, how, running_mean, running_var, weight, bias, eps, alpha, limits, group, stats), stats
+    if group is not None:  # a synchronized forward gives the statistics of every rank's batch (stats)
+        out = _synced(x, how, running_mean, running_var, weight, bias, eps, alpha, limits, group,
+                      stats)  # type: ignore[arg-type]
+        return out, stats
     if how == GHOST:
         return _ghost(x, ghost, running_mean, weight, bias, eps, observe, ctx)
     if how == BATCH:
         if into is not None:
             return _kernel(x, into[0], into[1], weight, bias, True, momentum, eps, ctx), None
-        if observe:
-            return _batch_observed(x, running_mean, weight, bias, eps, ctx)
+        if observe:  # observed for an update, which has running statistics (resolve_mode)
+            return _batch_observed(x, running_mean, weight, bias, eps, ctx)  # type: ignore[arg-type]
         return _kernel(x, None, None, weight, bias, True, 0.0, eps, ctx), None
-    if how == RENORM:
+    if how == RENORM:  # (renorm and blend read running statistics: the batch rules choose them only then)
         stats = batch_stats(x, ctx)
         with torch.no_grad():
-            r, d = _renorm_factors(stats, running_mean, running_var, eps, limits)
+            r, d = _renorm_factors(stats, running_mean, running_var, eps, limits)  # type: ignore[arg-type]
         w, b = _renorm_affine(r, d, weight, bias)
         if into is not None:  # the kernel normalizes with the batch's statistics and updates `into`
             return _kernel(x, into[0], into[1], w, b, True, momentum, eps, ctx), None
         return _kernel(x, None, None, w, b, True, 0.0, eps, ctx), stats if observe else None
-    return _blend(x, alpha, running_mean, running_var, weight, bias, eps, observe, ctx)
+    return _blend(x, alpha, running_mean, running_var, weight, bias, eps, observe, ctx)  # type: ignore[arg-type]
 
 
 def stages(how: int, momentum: float | None, ctx: int) -> bool:
@@ -236,7 +239,9 @@ def _ghost(x: Tensor, size: int, running_mean: Tensor | None, weight: Tensor | N
         means, variances = torch.stack([s.mean for s in stats]), torch.stack([s.var for s in stats])
         out = torch.cat([_kernel(p, None, None, weight, bias, True, 0.0, eps, ctx) for p in parts])
     else:  # buffers that start at zero and get momentum 1 receive each slice's mean and unbiased variance
-        means = torch.zeros((len(parts), x.shape[1]), dtype=running_mean.dtype, device=x.device)
+        # (observed for an update, which has running statistics: resolve_mode)
+        means = torch.zeros((len(parts), x.shape[1]), dtype=running_mean.dtype,  # type: ignore[union-attr]
+                            device=x.device)
         variances = torch.zeros_like(means)
         out = torch.cat([_kernel(p, means[i], variances[i], weight, bias, True, 1.0, eps, ctx)
                          for i, p in enumerate(parts)])
@@ -314,9 +319,9 @@ def _synced(
     bias: Tensor | None, eps: float, alpha: float, limits: Limits | None, group: Any, stats: BatchStats,
 ) -> Tensor:
     """Normalization with the statistics of every rank's batch (one collective in backward)."""
-    if how == RENORM:
+    if how == RENORM:  # (renorm reads running statistics: the batch rules choose it only with them)
         with torch.no_grad():
-            r, d = _renorm_factors(stats, running_mean, running_var, eps, limits)
+            r, d = _renorm_factors(stats, running_mean, running_var, eps, limits)  # type: ignore[arg-type]
         r, d = (t.to(stats_dtype(x, weight)) for t in (r, d))
         w, b = _renorm_affine(r, d, weight, bias)
         return sync_normalize(x, w, b, eps, group, stats)[0]
@@ -414,7 +419,8 @@ def batch_norm(
         return update_in_kernel(args, limits, ema_weight(step.momentum, num_batches_tracked), num_batches_tracked,
                                 ctx)[0]
     out, stats = normalize(*args, alpha=alpha, limits=limits, ghost=step.ghost or 0, observe=True, ctx=ctx)
-    write_running_(running_mean, running_var, num_batches_tracked, stats, step.momentum,
+    # an update has running statistics (checked above) and observe=True gives stats
+    write_running_(running_mean, running_var, num_batches_tracked, stats, step.momentum,  # type: ignore[arg-type]
                    accumulator if update == CUMULATIVE else None, ctx=ctx)
     return out
 

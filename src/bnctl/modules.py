@@ -14,7 +14,7 @@ importable classes. Third-party subclasses get a subclass made at run time
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
@@ -35,21 +35,17 @@ __all__ = [
     "check_policy",
     "control",
     "display_name",
-    "drop_act",
     "grad_flags",
-    "is_timm_class",
     "is_uninitialized",
     "layer_plan",
     "layer_policy",
     "layer_state",
-    "normalizes_only",
+    "forward_of",
     "policy_class",
-    "register_subclass",
     "release",
     "revert_layer",
     "set_grad_flags",
     "set_learn_affine",
-    "unregister_subclass",
 ]
 
 
@@ -203,6 +199,10 @@ class _SyncPolicyForward(nn.SyncBatchNorm, _PolicyForward):
     forward = _PolicyForward.forward
 
 
+forward_of: Callable[[_PolicyForward, Tensor], Tensor] = _PolicyForward.forward
+"""bnctl's normalization of a controlled layer: its forward, before anything a subclass adds."""
+
+
 # -- taking layers under control -----------------------------------------------------------
 
 
@@ -258,7 +258,7 @@ def control(layer: _BatchNorm, name: str = "") -> LayerState:
     cls = policy_class(type(layer), display_name(name, layer))
     state = LayerState(display_name(name, layer), type(layer), grad_flags(layer))
     layer.__class__ = cls
-    layer._bnctl = state
+    cast(_PolicyForward, layer)._bnctl = state  # (its class is now a policy class)
     return state
 
 
@@ -341,46 +341,11 @@ def set_learn_affine(layer: _BatchNorm, learn: bool | None) -> None:
 
 # -- classes ---------------------------------------------------------------------------------
 
-_ADAPTERS: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {}
-_RUNTIME: dict[type, type] = {}
+_RUNTIME: dict[type, type[_PolicyForward]] = {}
 
 
-def register_subclass(cls: type, after: Callable[[nn.Module, Tensor], Tensor]) -> None:
-    """Teach bnctl a BatchNorm subclass whose ``forward`` does more than BatchNorm.
-
-    Some libraries compute BatchNorm inside an overridden ``forward`` and then
-    add work (timm's ``BatchNormAct2d`` applies dropout and an activation).
-    bnctl cannot change the statistics such a forward uses, so :func:`bnctl.apply`
-    refuses these classes unless registered here: bnctl then runs its own
-    normalization followed by ``after(layer, y)``, which must do whatever the
-    original forward did after normalizing. :func:`unregister_subclass` undoes it.
-
-    Example:
-        >>> class BatchNormReLU(torch.nn.BatchNorm2d):
-        ...     def forward(self, x):
-        ...         return torch.relu(torch.nn.functional.batch_norm(
-        ...             x, self.running_mean, self.running_var, self.weight, self.bias,
-        ...             self.training, self.momentum, self.eps))
-        >>> register_subclass(BatchNormReLU, lambda layer, y: torch.relu(y))
-        >>> unregister_subclass(BatchNormReLU)
-    """
-    if not (isinstance(cls, type) and issubclass(cls, _BatchNorm)):
-        raise TypeError(f"expected a BatchNorm subclass, got {cls!r}.")
-    if not callable(after):
-        raise TypeError(f"expected a callable after(layer, y), got {after!r}.")
-    _ADAPTERS[cls] = after
-    _RUNTIME.pop(cls, None)
-
-
-def unregister_subclass(cls: type) -> None:
-    """Forget a :func:`register_subclass` registration (layers already controlled keep theirs).
-
-    Raises:
-        KeyError: if ``cls`` is not registered.
-    """
-    if cls not in _ADAPTERS:
-        raise KeyError(f"expected a class registered with bnctl.register_subclass, got {cls!r}.")
-    del _ADAPTERS[cls]
+def forget_class(cls: type) -> None:
+    """Drop the class :func:`policy_class` made for ``cls`` (its registration changed)."""
     _RUNTIME.pop(cls, None)
 
 
@@ -400,61 +365,7 @@ def _forward_overrides(cls: type) -> list[type]:
     return found
 
 
-# -- classes of other libraries, recognized by name (bnctl imports none of them) -------------
-
-
-def drop_act(layer: nn.Module, y: Tensor) -> Tensor:
-    """What timm's norm+act layers do after normalizing: dropout, then the activation."""
-    if hasattr(layer, "drop"):
-        y = layer.drop(y)
-    if hasattr(layer, "act"):
-        y = layer.act(y)
-    return y
-
-
-def _split_forward(self: nn.Module, input: Tensor) -> Tensor:
-    """timm's ``SplitBatchNorm2d`` under a policy.
-
-    In ``train()`` timm normalizes each split of the batch with its own layer
-    (the first with this one, the others with ``aux_bn``, which follow the
-    same policy). That is kept when the policy treats ``train()`` and
-    ``eval()`` differently. A policy that does the same in both (``frozen``,
-    ``frozen_stats``, ``test_time``) runs the whole batch through this layer,
-    as ``eval()`` does, so ``train()`` and ``eval()`` agree.
-    """
-    plan = self._bnctl.plan(self)
-    if self.training and plan.train != plan.eval:
-        return self._bnctl.origin.forward(self, input)
-    return drop_act(self, _PolicyForward.forward(self, input))
-
-
-def is_timm_class(cls: type, name: str) -> bool:
-    """Whether ``cls`` is timm's class ``name`` (by package and name: bnctl never imports timm)."""
-    return cls.__module__.split(".")[0] == "timm" and cls.__name__ == name
-
-
-def normalizes_only(layer: nn.Module) -> bool:
-    """Whether ``layer``'s forward is BatchNorm's normalization and nothing else, but for timm's
-    dropout and activation after it (:func:`drop_act`): torch's classes, bnctl's, and timm's
-    ``BatchNormAct2d``; not ``SplitBatchNorm2d`` nor a subclass with a ``forward`` of its own."""
-    if not isinstance(layer, _BatchNorm):
-        return False
-    state: LayerState | None = layer.__dict__.get("_bnctl")
-    cls = type(layer) if state is None else state.origin
-    plain = (_BatchNorm.forward, nn.SyncBatchNorm.forward, _PolicyForward.forward, BatchNormAct2d.forward)
-    return is_timm_class(cls, "BatchNormAct2d") or cls.forward in plain
-
-
-def _known_forward(cls: type) -> Callable[[nn.Module, Tensor], Tensor] | None:
-    """bnctl's forward for a third-party class it knows, else ``None``."""
-    if is_timm_class(cls, "BatchNormAct2d"):  # normalization, drop, act
-        return lambda self, input: drop_act(self, _PolicyForward.forward(self, input))
-    if is_timm_class(cls, "SplitBatchNorm2d"):
-        return _split_forward
-    return None
-
-
-def policy_class(cls: type, name: str = "layer") -> type:
+def policy_class(cls: type, name: str = "layer") -> type[_PolicyForward]:
     """The class a layer of class ``cls`` takes under bnctl's control.
 
     The torch classes map to bnctl's own (``nn.BatchNorm2d`` to
@@ -462,9 +373,9 @@ def policy_class(cls: type, name: str = "layer") -> type:
     whose BatchNorm computation follows the layer's policy, made once and
     cached: subclasses whose own ``forward`` calls ``super().forward`` keep
     their extra behaviour (bnctl's forward sits just below them in the MRO,
-    in place of torch's); registered ones (:func:`register_subclass`) run
-    their ``after`` step; timm's ``BatchNormAct2d`` and ``SplitBatchNorm2d``
-    are known by name (timm is never imported).
+    in place of torch's); classes :mod:`bnctl.ecosystem` knows or that were
+    registered there (:func:`~bnctl.ecosystem.register_subclass`) get the
+    forward it gives them.
 
     Raises:
         TypeError: for a subclass that overrides ``forward`` without calling
@@ -482,20 +393,15 @@ def policy_class(cls: type, name: str = "layer") -> type:
         "__qualname__": f"policy_class.<{cls.__module__}.{cls.__qualname__}>",
         "_bnctl_origin": cls,
     }
-    adapter = next((_ADAPTERS[k] for k in cls.__mro__ if k in _ADAPTERS), None)
-    known = next((f for f in map(_known_forward, cls.__mro__) if f is not None), None)
-    if adapter is not None:
+    from .ecosystem import forward_for  # (other libraries' layers build on this module's classes)
 
-        def forward(self: nn.Module, input: Tensor) -> Tensor:
-            return adapter(self, _PolicyForward.forward(self, input))
-
+    forward = forward_for(cls)
+    if forward is not None:
         attrs["forward"] = forward
-    elif known is not None:
-        attrs["forward"] = known
     elif not all(_calls_super_forward(vars(k)["forward"]) for k in _forward_overrides(cls)):
         raise _refusal(cls, name)
     base = _SyncPolicyForward if issubclass(cls, nn.SyncBatchNorm) else _PolicyForward
-    new = type(cls.__name__, (cls, base), attrs)
+    new = cast("type[_PolicyForward]", type(cls.__name__, (cls, base), attrs))
     _RUNTIME[cls] = new
     return new
 
@@ -605,7 +511,7 @@ class BatchNormAct2d(BatchNorm2d):
     """:class:`bnctl.BatchNorm2d` followed by ``drop`` and ``act`` modules (timm's norm+act order).
 
     bnctl puts one in place of timm's ``FrozenBatchNormAct2d`` while a policy
-    is applied (:mod:`bnctl.frozen`). ``drop`` and ``act`` default to
+    is applied (:mod:`bnctl.ecosystem`). ``drop`` and ``act`` default to
     ``nn.Identity()``.
     """
 
@@ -619,7 +525,7 @@ class BatchNormAct2d(BatchNorm2d):
         return self.act(self.drop(super().forward(input)))
 
 
-_STATIC: dict[type, type] = {
+_STATIC: dict[type, type[_PolicyForward]] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Union
+from typing import Final, Literal, NamedTuple, Union
 
 __all__ = [
     "BATCH",
@@ -52,7 +52,7 @@ __all__ = [
     "momentum_from_half_life",
 ]
 
-LAYER = "layer"
+LAYER: Final = "layer"
 """``Policy.momentum``'s default: use the layer's own ``momentum`` attribute."""
 
 Normalize = Union[Literal["batch", "running", "renorm"], float]
@@ -451,6 +451,10 @@ def make_plan(
     return Plan(eval=step(False), train=step(True))
 
 
+_BLEND_ENDS: dict[float, Normalize] = {1.0: "batch", 0.0: "running"}
+"""The blend weights that are plain modes."""
+
+
 def make_step(
     mode: Mode,
     momentum: float | None,
@@ -467,7 +471,7 @@ def make_step(
     """
     normalize = mode.normalize
     if not isinstance(normalize, str):
-        normalize = {1.0: "batch", 0.0: "running"}.get(float(normalize), float(normalize))
+        normalize = _BLEND_ENDS.get(float(normalize), float(normalize))
     return Step(normalize, mode.update, momentum, fallback, renorm if normalize == "renorm" else None,
                 ghost if normalize == "batch" else None)
 
@@ -514,7 +518,7 @@ which the layer state splits by domain: :meth:`bnctl.state.LayerState.decide`)."
 NO_UPDATE, EMA, CUMULATIVE = 0, 1, 2
 """What a forward's batch does to the running statistics: nothing, an EMA, a cumulative average."""
 
-_NORMALIZE_KINDS = {"batch": BATCH, "running": RUNNING, "renorm": RENORM}
+_NORMALIZE_KINDS: dict[Normalize, int] = {"batch": BATCH, "running": RUNNING, "renorm": RENORM}
 _UPDATE_KINDS = {"none": NO_UPDATE, "ema": EMA, "cumulative": CUMULATIVE}
 
 
@@ -525,7 +529,7 @@ def kinds(step: Step) -> tuple[int, int]:
         >>> kinds(make_step(Mode("running", "ema"), 0.1)) == (RUNNING, EMA)
         True
     """
-    normalize = GHOST if step.ghost else _NORMALIZE_KINDS.get(step.normalize, BLEND)  # type: ignore[call-overload]
+    normalize = GHOST if step.ghost else _NORMALIZE_KINDS.get(step.normalize, BLEND)
     return normalize, _UPDATE_KINDS[step.update]
 
 

@@ -16,25 +16,25 @@ import dataclasses
 import logging
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .apply import Selector, batchnorm_layers, using_layers
+from .apply import Selector, batchnorm_layers
 from .distributed import active
-from .domains import domain as domain_scope
 from .domains import layers_with
-from .frozen import Swap, is_frozen_batchnorm, swap_in, swap_out
+from .ecosystem import Swap, is_frozen_batchnorm, swap_in, swap_out
 from .guard import assign_running_
 from .modules import check_materialized, display_name
 from .policy import PRESETS
-from .state import LayerTensors, Pools, domains
+from .scopes import domain as domain_scope
+from .scopes import pooling, unchanged, using_layers
+from .state import LayerTensors, Pools, domains, warn_in_user_code
 from .stats import Accumulator, BatchAverage
-from .updates import pooling, unchanged
 
-__all__ = ["recalibrate", "call_model", "progress_bar"]
+__all__ = ["Options", "call_model", "progress_bar", "recalibrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,48 +166,99 @@ def recalibrate(
         >>> int(model[1].num_batches_tracked), model.training
         (5, False)
     """
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"expected num_batches >= 1 or None, got {num_batches}.")
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"expected estimator one of {sorted(_ESTIMATORS)}, got {estimator!r}.")
-    targets = _targets(model, layers, exclude, domain)
-    chosen = {id(layer) for _, layer in targets}
-    others = [(n, m) for n, m in batchnorm_layers(model) if id(m) not in chosen]
-    swaps: list[Swap] = []  # FrozenBatchNorm2d layers get stand-ins, written back at the end
-    reached: set[int] = set()
-    hooks: list[Any] = []
+    options = Options(num_batches, layers, exclude, forward or call_model, strict, progress, domain, estimator,
+                      sync, process_group)
+    with _standing_in(model, _targets(model, options)) as targets:
+        pass_ = _merge(_gather(model, data, targets, options), targets, options)
+        with torch.no_grad():
+            done = [display_name(name, layer) for (name, layer), pool in zip(targets, pass_.pools)
+                    if _write(layer, pool)]
+    logger.info("recalibrated %d BatchNorm layers over %d batches", len(done), pass_.seen)
+    return done
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """:func:`recalibrate`'s options (its arguments of the same names), checked when made."""
+
+    num_batches: int | None = None
+    layers: Selector = None
+    exclude: Selector = None
+    forward: Callable[[nn.Module, Any], Any] = call_model
+    strict: bool = True
+    progress: bool | None = None
+    domain: str | None = None
+    estimator: str = "exact"
+    sync: bool = False
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.num_batches is not None and self.num_batches < 1:
+            raise ValueError(f"expected num_batches >= 1 or None, got {self.num_batches}.")
+        if self.estimator not in _ESTIMATORS:
+            raise ValueError(f"expected estimator one of {sorted(_ESTIMATORS)}, got {self.estimator!r}.")
+
+
+@dataclasses.dataclass
+class Pass:
+    """What one pass over the data gathered: per targeted layer its pools (per domain), the batches seen,
+    and the layers the data reached (by id)."""
+
+    pools: list[Pools]
+    seen: int
+    reached: set[int]
+
+
+@contextlib.contextmanager
+def _standing_in(model: nn.Module, targets: list[tuple[str, Any]]) -> Iterator[list[tuple[str, Any]]]:
+    """``targets`` with a stand-in for each FrozenBatchNorm2d (:func:`bnctl.ecosystem.swap_in`) for the block;
+    the stand-ins' values are written back into the originals, which go back in place, on exit."""
+    swaps: list[Swap] = []
     try:
         for name, layer in targets:
             if is_frozen_batchnorm(layer):
                 swaps.append(swap_in(model, name, layer))
         stand_ins = {swap.name: swap.stand_in for swap in swaps}
-        targets = [(n, stand_ins.get(n, m)) for n, m in targets]
-        hooks = [layer.register_forward_pre_hook(lambda m, _i: reached.add(id(m))) for _, layer in targets]
+        yield [(n, stand_ins.get(n, m)) for n, m in targets]
+    finally:
+        for swap in reversed(swaps):
+            swap_out(swap)
+
+
+def _gather(model: nn.Module, data: Iterable[Any], targets: list[tuple[str, Any]], options: Options) -> Pass:
+    """The pass: ``targets`` normalize with batch statistics and pool them (nothing written), every other
+    BatchNorm layer keeps its mode and writes nothing; everything is restored after, also on error."""
+    chosen = {id(layer) for _, layer in targets}
+    others = [(n, m) for n, m in batchnorm_layers(model) if id(m) not in chosen]
+    reached: set[int] = set()
+    hooks = [layer.register_forward_pre_hook(lambda m, _i: reached.add(id(m))) for _, layer in targets]
+    try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(unchanged(others))
             stack.enter_context(using_layers(targets, PASS))
-            states = stack.enter_context(pooling(targets, _ESTIMATORS[estimator], explicit=True))
-            if domain is not None:
-                stack.enter_context(domain_scope(model, domain))
+            states = stack.enter_context(pooling(targets, _ESTIMATORS[options.estimator], explicit=True))
+            if options.domain is not None:
+                stack.enter_context(domain_scope(model, options.domain))
             stack.enter_context(torch.no_grad())
-            seen = _run(model, data, num_batches, forward or call_model, progress)
-            pools = [state.pools for state in states]
-        if sync and active():
-            seen, reached = _across_ranks(targets, pools, seen, reached, process_group)
-        _check_data(seen, num_batches, targets, reached, pools, strict)
-        with torch.no_grad():
-            done = [display_name(name, layer) for (name, layer), pool in zip(targets, pools)
-                    if _write(layer, pool)]
+            seen = _run(model, data, options)
+            return Pass([state.pools for state in states], seen, reached)  # type: ignore[misc]
     finally:
         for hook in hooks:
             hook.remove()
-        for swap in reversed(swaps):
-            swap_out(swap)
-    logger.info("recalibrated %d BatchNorm layers over %d batches", len(done), seen)
-    return done
 
 
-def _targets(model: nn.Module, layers: Selector, exclude: Selector, domain: str | None) -> list[tuple[str, Any]]:
+def _merge(pass_: Pass, targets: list[tuple[str, Any]], options: Options) -> Pass:
+    """The pass's pools merged over ranks (with ``sync`` and a process group), then checked: the data held
+    the batches asked for, and every targeted layer saw values (else raise, or with ``strict=False`` warn)."""
+    if options.sync and active():
+        pass_ = _across_ranks(targets, pass_, options.process_group)
+    _check_data(pass_, targets, options)
+    return pass_
+
+
+def _targets(model: nn.Module, options: Options) -> list[tuple[str, Any]]:
+    """The layers to recalibrate (checked; a FrozenBatchNorm2d that is the model itself raises)."""
+    layers, exclude, domain = options.layers, options.exclude, options.domain
     selected = batchnorm_layers(model, layers, exclude)
     for name, layer in selected:
         check_materialized(display_name(name, layer), layer)
@@ -215,7 +266,7 @@ def _targets(model: nn.Module, layers: Selector, exclude: Selector, domain: str 
             swap_in(model, name, layer)  # raises: no parent to put a stand-in in
 
     def tracked(m: nn.Module) -> bool:
-        return is_frozen_batchnorm(m) or m.track_running_stats
+        return is_frozen_batchnorm(m) or bool(m.track_running_stats)
 
     untracked = [display_name(n, m) for n, m in selected if m.running_mean is not None and not tracked(m)]
     if untracked:
@@ -237,9 +288,10 @@ def _targets(model: nn.Module, layers: Selector, exclude: Selector, domain: str 
     return targets
 
 
-def _run(model: nn.Module, data: Iterable[Any], num_batches: int | None,
-         call: Callable[[nn.Module, Any], Any], progress: bool | None) -> int:
-    bar = progress_bar(num_batches, "recalibrate", progress, data)
+def _run(model: nn.Module, data: Iterable[Any], options: Options) -> int:
+    """One forward per batch (at most ``num_batches``); the number of batches."""
+    num_batches, call = options.num_batches, options.forward
+    bar = progress_bar(num_batches, "recalibrate", options.progress, data)
     seen = 0
     try:
         for batch in bar if bar is not None else data:
@@ -253,22 +305,22 @@ def _run(model: nn.Module, data: Iterable[Any], num_batches: int | None,
     return seen
 
 
-def _across_ranks(targets: list[tuple[str, Any]], pools: list[Pools], seen: int, reached: set[int],
-                  group: Any) -> tuple[int, set[int]]:
+def _across_ranks(targets: list[tuple[str, Any]], pass_: Pass, group: Any) -> Pass:
     """Every rank's batches and pools merged: the total batch count, the layers any rank reached, and
     each layer's pools (per domain) replaced by the merge of all ranks' (on every rank)."""
-    device = targets[0][1].running_mean.device
-    flags = torch.tensor([seen] + [id(m) in reached for _, m in targets], dtype=torch.float64, device=device)
+    pools, device = pass_.pools, targets[0][1].running_mean.device
+    flags = torch.tensor([pass_.seen] + [id(m) in pass_.reached for _, m in targets], dtype=torch.float64,
+                         device=device)
     torch.distributed.all_reduce(flags, group=group)
     for (_, layer), pool in zip(targets, pools):
         for name in domains(layer):  # the same on every rank, so every rank makes the same collectives
             local = pool.by_domain.get(name) or pool.kind.empty(layer.num_features, device)
             pool.by_domain[name] = local.across(group)
-    return int(flags[0]), {id(m) for (_, m), flag in zip(targets, flags[1:].tolist()) if flag}
+    return Pass(pools, int(flags[0]), {id(m) for (_, m), flag in zip(targets, flags[1:].tolist()) if flag})
 
 
-def _check_data(seen: int, num_batches: int | None, targets: list[tuple[str, Any]], reached: set[int],
-                pools: list[Pools], strict: bool) -> None:
+def _check_data(pass_: Pass, targets: list[tuple[str, Any]], options: Options) -> None:
+    seen, reached, pools, num_batches = pass_.seen, pass_.reached, pass_.pools, options.num_batches
     if num_batches is not None and seen < num_batches:
         raise ValueError(
             f"expected {num_batches} batches, got {seen}. Pass num_batches=None to use "
@@ -288,9 +340,9 @@ def _check_data(seen: int, num_batches: int | None, targets: list[tuple[str, Any
             + [f"BatchNorm layers that saw only empty batches: {empty}"] * bool(empty)
         )
     message += ". Their statistics were left unchanged."
-    if strict:
+    if options.strict:
         raise ValueError(message + " (strict=False warns instead.)")
-    warnings.warn(message, stacklevel=3)
+    warn_in_user_code(message, UserWarning)
 
 
 def _write(layer: nn.Module, pools: Pools) -> bool:
@@ -300,6 +352,8 @@ def _write(layer: nn.Module, pools: Pools) -> bool:
         if float(pool.count) == 0:
             continue
         t = LayerTensors.of(layer, domain)
+        if t.running_mean is None or t.running_var is None:  # (targets have running statistics)
+            continue
         assign_running_(t.running_mean, t.running_var, t.num_batches_tracked, *pool.population(), int(pool.batches))
         written = True
     return written

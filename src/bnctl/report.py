@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +20,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .apply import batchnorm_layers
 from .distributed import active
-from .frozen import is_frozen_batchnorm
+from .ecosystem import is_frozen_batchnorm
 from .modules import check_materialized, display_name, is_uninitialized, layer_plan, layer_policy, layer_state
 from .policy import Plan, Step, make_plan
 from .recalibrate import call_model
+from .scopes import unchanged
 from .state import LayerTensors, domains, never_updated
-from .updates import unchanged
 
 __all__ = ["LOG_VAR_RATIO", "MEAN_SHIFT", "TRAIN_EVAL_GAP", "LayerReport", "Report", "checkpoint_report", "report"]
 
@@ -240,10 +240,16 @@ def _shift(layer: _BatchNorm, x: Tensor) -> tuple[float | None, float | None, fl
     if layer.running_mean is None or x.shape[0] * x[0, 0].numel() < 2:
         return None, None, None
     state = layer_state(layer)
+    rm: Tensor | None
+    rv: Tensor | None
+    w: Tensor | None
+    b: Tensor | None
     if is_frozen_batchnorm(layer):
         rm, rv, w, b = layer.running_mean, layer.running_var, layer.weight, layer.bias
     else:
         rm, rv, _nbt, w, b = LayerTensors.of(layer) if state is None else state.tensors(layer)
+    if rm is None or rv is None:  # (no running statistics: checked above)
+        return None, None, None
     dims = [0, *range(2, x.dim())]
     x = x.detach().double()
     var_b, mean_b = torch.var_mean(x, dims, unbiased=False)
@@ -343,7 +349,7 @@ def _frozen_row(name: str, layer: nn.Module) -> LayerReport:
     """A buffers-only FrozenBatchNorm2d: running statistics in both modes, nothing learns or updates."""
     row = LayerReport(
         name=name, cls=type(layer).__name__, policy="-", train="running/none", eval="running/none",
-        affine="buffers", momentum=None, eps=layer.eps, num_batches_tracked=None, skipped_updates=0,
+        affine="buffers", momentum=None, eps=cast(float, layer.eps), num_batches_tracked=None, skipped_updates=0,
         domains=domains(layer),
     )
     row.warnings += _statistics_warnings(layer)
@@ -356,7 +362,8 @@ def _statistics_warnings(layer: nn.Module) -> list[str]:
     bad = [k for k in ("running_mean", "running_var") if not torch.isfinite(getattr(layer, k)).all()]
     if bad:
         found.append(f"non-finite values in {', '.join(bad)}")
-    negative = int((layer.running_var < 0).sum())
+    running_var = cast(Tensor, layer.running_var)  # (the callers' layers have running statistics)
+    negative = int((running_var < 0).sum())
     if negative:
         found.append(f"negative running_var in {negative} channel(s): normalizing takes its square root (NaN or "
                      "huge outputs); load sound statistics or run bnctl.recalibrate")
@@ -418,7 +425,7 @@ def checkpoint_report(state: dict[str, Tensor]) -> Report:
           ! 0: statistics never updated (all 0 and 1): load the pretrained statistics, or compute them with
             bnctl.recalibrate(model, loader) before normalizing with them ('frozen', eval())
     """
-    from .checkpoint import check_checkpoint
+    from .checkpoint_files import check_checkpoint
 
     rows = []
     for check in check_checkpoint(state):

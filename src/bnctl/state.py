@@ -26,10 +26,12 @@ import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import context
 from .context import batched
@@ -235,7 +237,7 @@ class Pools:
     (``recalibrate`` merges the ranks itself, once, at the end).
     """
 
-    kind: type = Accumulator
+    kind: type[Accumulator] | type[BatchAverage] = Accumulator
     by_domain: dict[str, Accumulator | BatchAverage] = field(default_factory=dict)
     updates: dict[str, tuple[bool, float | None]] = field(default_factory=dict)
     local: bool = False
@@ -297,12 +299,12 @@ class LayerState:
 
     The forward: :meth:`decide` says what a forward does, from the layer's
     :class:`Program` (settled when the policy, a scope or the domain changes:
-    setting any field here, :meth:`push`, :meth:`pop` and the tape methods
-    drop it) and the batch's size; :meth:`forward` runs it.
+    setting any field here (:mod:`bnctl.scopes` sets them), :meth:`push` and
+    :meth:`pop` drop it) and the batch's size; :meth:`forward` runs it.
     """
 
     name: str
-    origin: type
+    origin: type[_BatchNorm]
     requires_grad: dict[str, bool]
     base: Policy = TORCH
     builtin: bool = False
@@ -369,16 +371,7 @@ class LayerState:
                 "handles in reverse order of application (or use bnctl.using as a context manager)."
             )
 
-    def join_tape(self, tape: Tape) -> None:
-        """Record this layer's forwards on ``tape`` (an activation checkpoint's first forward)."""
-        self.tapes.append(tape)
-        self._programs = {}
-
-    def leave_tape(self, tape: Tape) -> None:
-        self.tapes.remove(tape)
-        self._programs = {}
-
-    def sync_group(self, layer: nn.Module) -> Any:
+    def sync_group(self, layer: _BatchNorm) -> Any:
         """The process group whose batches this layer's batch statistics span, or ``None`` (local).
 
         A layer synchronizes when its policy says ``sync=True`` or it is an
@@ -397,18 +390,18 @@ class LayerState:
             group = getattr(layer, "process_group", None)
         return torch.distributed.group.WORLD if group is None else group
 
-    def plan(self, layer: nn.Module) -> Plan:
+    def plan(self, layer: _BatchNorm) -> Plan:
         """The layer's :class:`~bnctl.policy.Plan`: its policy resolved for its attributes, before scopes."""
         return make_plan(self.policy, momentum=layer.momentum, track_running_stats=layer.track_running_stats,
                          has_running_stats=layer._buffers.get("running_mean") is not None)
 
     # -- one forward -----------------------------------------------------------------------
 
-    def tensors(self, layer: nn.Module) -> LayerTensors:
+    def tensors(self, layer: _BatchNorm) -> LayerTensors:
         """The tensors of the selected domain."""
         return LayerTensors.of(layer, self.domain)
 
-    def program(self, layer: nn.Module, ctx: int = context.EAGER, domain: str | None = None) -> Program:
+    def program(self, layer: _BatchNorm, ctx: int = context.EAGER, domain: str | None = None) -> Program:
         """What every forward of ``layer`` does until something changes, for ``eval()`` and ``train()``:
         the policy resolved for the layer (:meth:`plan`), then the scopes: ``no_update`` writes
         nothing, pools take the updates, the domain selects the tensors (a mixed-domain batch,
@@ -452,7 +445,7 @@ class LayerState:
             self._programs[domain] = program
         return program
 
-    def decide(self, layer: nn.Module, x: Tensor | None, ctx: int = context.EAGER, domain: str | None = None
+    def decide(self, layer: _BatchNorm, x: Tensor | None, ctx: int = context.EAGER, domain: str | None = None
                ) -> Forward:
         """What this forward of ``layer`` does on ``x``: the one decision every path takes (the layer's
         forward, :func:`bnctl.fold`, the synchronized forward). No side effect but the cached program.
@@ -487,7 +480,7 @@ class LayerState:
             return forward
         return self.for_batch(forward, n, batch_text(x, forward.step.ghost), layer)
 
-    def for_batch(self, forward: Forward, n: int, got: str, layer: nn.Module) -> Forward:
+    def for_batch(self, forward: Forward, n: int, got: str, layer: _BatchNorm) -> Forward:
         """``forward`` on a batch of ``n`` values per channel (:func:`bnctl.policy.for_batch`)."""
         normalize, update = for_batch(forward.normalize, forward.update, n, fallback=forward.step.fallback,
                                       has_running_stats=layer._buffers.get(forward.keys[0]) is not None,
@@ -498,7 +491,7 @@ class LayerState:
                                 pool=forward.pool and update != NO_UPDATE,
                                 counts_empty=n == 0 and forward.update == EMA and not forward.pool)
 
-    def forward(self, layer: nn.Module, x: Tensor, decided: Forward | None = None) -> Tensor:
+    def forward(self, layer: _BatchNorm, x: Tensor, decided: Forward | None = None) -> Tensor:
         """The layer's forward: :meth:`decide` (unless ``decided``: a part of a mixed-domain batch),
         normalize (:func:`bnctl.functional.normalize`), and write what the batch says where the scopes say
         (:mod:`bnctl.guard`)."""
@@ -511,7 +504,8 @@ class LayerState:
         buffers, params = layer._buffers, layer._parameters
         mean_key, var_key, count_key, weight_key, bias_key = forward.keys
         running_mean, running_var = buffers[mean_key], buffers[var_key]
-        weight, bias = params[weight_key], params[bias_key]
+        weight: Tensor | None = params[weight_key]
+        bias: Tensor | None = params[bias_key]
         if forward.running is not None:
             running_mean, running_var = forward.running
         if forward.detach_affine:  # frozen means frozen, whatever requires_grad says
@@ -525,19 +519,22 @@ class LayerState:
                     self._warn_frozen(bias_key)
         limits = forward.limits
         if forward.normalize == RENORM and limits is None:
-            limits = renorm_limits(*forward.step.renorm, buffers[count_key])  # type: ignore[misc]
+            # a renorm step carries its limits (make_step)
+            limits = renorm_limits(*forward.step.renorm, buffers[count_key])  # type: ignore[misc,call-arg]
         args = (x, forward.normalize, running_mean, running_var, weight, bias, layer.eps)
         if forward.group is not None:
             return self._synced(layer, forward, args, limits, ctx)
         ghost = forward.step.ghost or 0
         if forward.update == NO_UPDATE:
-            if forward.counts_empty and not forward.replayed and buffers[count_key] is not None:
-                buffers[count_key].add_(1)
+            if forward.counts_empty and not forward.replayed and (counted := buffers[count_key]) is not None:
+                counted.add_(1)
             return normalize(*args, alpha=forward.alpha, limits=limits, ghost=ghost, ctx=ctx)[0]
         count = buffers[count_key]
         if forward.staged:
             momentum = forward.step.momentum
-            counter = None if ctx or running_mean.is_cpu else self.counts.counter(running_mean)
+            # an EMA update has running statistics (resolve_mode updates nothing without them)
+            mean: Tensor = running_mean  # type: ignore[assignment]
+            counter = None if ctx or mean.is_cpu else self.counts.counter(mean)
             out, ok = update_in_kernel(args, limits, ema_weight(None, count) if momentum is None else momentum,
                                        count, ctx, counter, write=not forward.replayed)
             if forward.replayed:
@@ -550,7 +547,7 @@ class LayerState:
             self.commit(layer, forward, stats, ctx)  # type: ignore[arg-type]
         return out
 
-    def _routed(self, layer: nn.Module, x: Tensor, ctx: int) -> Tensor:
+    def _routed(self, layer: _BatchNorm, x: Tensor, ctx: int) -> Tensor:
         """A mixed-domain batch (:attr:`routing`, set by ``bnctl.domain(model, labels)``): each domain's samples
         go through the forward of that domain (its statistics, affine, update), and the outputs go back to
         their samples' places. Every part is decided before any runs, so a part that would raise (one value
@@ -586,7 +583,11 @@ class LayerState:
             UserWarning,
         )
 
-    def _synced(self, layer: nn.Module, forward: Forward, args: tuple, limits: Limits | None, ctx: int) -> Tensor:
+    def _synced(
+        self, layer: _BatchNorm, forward: Forward,
+        args: tuple[Tensor, int, Tensor | None, Tensor | None, Tensor | None, Tensor | None, float],
+        limits: Limits | None, ctx: int,
+    ) -> Tensor:
         """A forward whose batch statistics span the ranks of ``forward.group``: one collective gives them,
         then the batch rules apply to every rank's batch together (so every rank takes the same branch).
 
@@ -599,7 +600,7 @@ class LayerState:
             stats = global_stats(x, forward.group, ctx) if ctx else self._global_stats(layer, forward, x)
             forward = self.for_batch(forward, stats.n, "1 value per channel over all ranks of the process group",
                                      layer)._replace(group=forward.group)
-            out, _ = normalize(*args[:1], forward.normalize, *args[2:], alpha=forward.alpha, limits=limits,
+            out, _ = normalize(x, forward.normalize, *args[2:], alpha=forward.alpha, limits=limits,
                                observe=forward.update != NO_UPDATE, group=forward.group, stats=stats, ctx=ctx)
         finally:
             if token is not None:
@@ -608,7 +609,7 @@ class LayerState:
             self.commit(layer, forward, stats, ctx)
         return out
 
-    def _global_stats(self, layer: nn.Module, forward: Forward, x: Tensor) -> BatchStats:
+    def _global_stats(self, layer: _BatchNorm, forward: Forward, x: Tensor) -> BatchStats:
         """:func:`~bnctl.stats.global_stats` of ``x``, raising on every rank unless every rank of the group runs
         this layer the same way: the layer's :func:`~bnctl.distributed.fingerprint` (name, channels, mode) rides
         in the statistics' collective, at no extra collective. Before the layer's first one (per channel count
@@ -634,7 +635,7 @@ class LayerState:
             object.__setattr__(self, "_agreement", ((channels, group), *tags))
         return BatchStats(*across_ranks(*batch_stats(x), group, tag=entry[2], name=self.name))
 
-    def _taped(self, layer: nn.Module, forward: Forward) -> Forward:
+    def _taped(self, layer: _BatchNorm, forward: Forward) -> Forward:
         """Under an activation checkpoint: a recomputation replays what the first forward did (the running
         statistics as they were then, the same mode, nothing written); a first forward is recorded by every
         checkpoint region it runs in (nested ones too)."""
@@ -642,17 +643,18 @@ class LayerState:
             return self.replay.next(layer, self.name)
         buffers = layer._buffers
         running = None
-        if buffers[forward.keys[0]] is not None:
-            running = (buffers[forward.keys[0]].detach().clone(), buffers[forward.keys[1]].detach().clone())
+        mean, var = buffers[forward.keys[0]], buffers[forward.keys[1]]
+        if mean is not None and var is not None:  # (both or neither)
+            running = (mean.detach().clone(), var.detach().clone())
         limits = None
-        if forward.normalize == RENORM:
-            limits = renorm_limits(*forward.step.renorm, buffers[forward.keys[2]])  # type: ignore[misc]
+        if forward.normalize == RENORM:  # a renorm step carries its limits (make_step)
+            limits = renorm_limits(*forward.step.renorm, buffers[forward.keys[2]])  # type: ignore[misc,call-arg]
         record = forward._replace(running=running, limits=limits, replayed=True)
         for tape in self.tapes:
             tape.records[id(layer)].append(record)
         return forward._replace(limits=limits)
 
-    def commit(self, layer: nn.Module, forward: Forward, stats: BatchStats, ctx: int = context.EAGER) -> None:
+    def commit(self, layer: _BatchNorm, forward: Forward, stats: BatchStats, ctx: int = context.EAGER) -> None:
         """Write what a forward observed: into the pool of an ``accumulate``/``recalibrate``
         block, or (guarded) into the running statistics."""
         if stats.n == 0:
@@ -682,9 +684,12 @@ class LayerState:
     ) -> Status:
         """One update of ``domain``'s running statistics with ``stats`` (an EMA, or a cumulative
         average), guarded and counted."""
+        # an update has running statistics: resolve_mode updates nothing without them
+        running_mean: Tensor = tensors.running_mean  # type: ignore[assignment]
+        running_var: Tensor = tensors.running_var  # type: ignore[assignment]
         accumulator = None
         if cumulative:
-            if batched(tensors.running_mean):
+            if batched(running_mean):
                 raise RuntimeError(
                     f"{self.name}: a cumulative average keeps its running sums outside the module's buffers, "
                     "so torch.func.vmap cannot give each model its own. Under vmap use a policy with an EMA "
@@ -699,11 +704,10 @@ class LayerState:
                 )
             accumulator = self.accumulators.get(domain)
             if accumulator is None:
-                accumulator = _inference_safe(Accumulator.empty, tensors.running_mean.numel(),
-                                              tensors.running_mean.device)
+                accumulator = _inference_safe(Accumulator.empty, running_mean.numel(), running_mean.device)
                 self.accumulators[domain] = accumulator
-        counter = None if ctx or tensors.running_mean.is_cpu else self.counts.counter(tensors.running_mean)
-        ok = write_running_(tensors.running_mean, tensors.running_var, tensors.num_batches_tracked, stats, momentum,
+        counter = None if ctx or running_mean.is_cpu else self.counts.counter(running_mean)
+        ok = write_running_(running_mean, running_var, tensors.num_batches_tracked, stats, momentum,
                             accumulator, counter=counter, ctx=ctx)
         self.count(ok, ctx, counted=counter is not None, running=tensors[:2], n=stats.n)
         return ok
@@ -728,8 +732,8 @@ class LayerState:
 
 
 def _skip_message(name: str, skipped: int, running: tuple[Tensor | None, ...], n: int | None) -> str:
-    running = tuple(t for t in running if t is not None)
-    if any(not bool(torch.isfinite(t).all()) for t in running):
+    present = tuple(t for t in running if t is not None)
+    if any(not bool(torch.isfinite(t).all()) for t in present):
         cause = ("its running statistics are already non-finite (a damaged checkpoint, or values written "
                  "without bnctl), so nothing can be averaged into them: rebuild them with "
                  "bnctl.recalibrate(model, data)")
@@ -746,13 +750,14 @@ def _skip_message(name: str, skipped: int, running: tuple[Tensor | None, ...], n
     return f"{name}: {skipped} running-statistics updates skipped so far; the latest because {cause}."
 
 
-_QUIET = tuple(os.path.dirname(os.path.abspath(m.__file__)) for m in (sys.modules[__name__], torch))
+_QUIET = tuple(os.path.dirname(os.path.abspath(f)) for f in (__file__, torch.__file__))
 _QUIET += (os.path.abspath(contextlib.__file__),)  # the exit of a with block: warn at the with
 
 
 def warn_in_user_code(message: str, category: type[Warning]) -> None:
     """``warnings.warn`` attributed to the first caller outside bnctl and torch."""
-    frame, level = sys._getframe(0), 1
+    frame: FrameType | None = sys._getframe(0)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_QUIET):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

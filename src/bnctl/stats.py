@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -106,6 +106,14 @@ def global_stats(x: Tensor, group: Any = None, ctx: int = context.EAGER) -> Batc
 
 
 # -- update rules: new values, written by bnctl.guard ------------------------------------------
+
+
+@overload
+def ema_weight(momentum: float | None, num_batches_tracked: Tensor | None) -> float: ...  # (eagerly: a float)
+
+
+@overload
+def ema_weight(momentum: float | None, num_batches_tracked: Tensor | None, ctx: int) -> float | Tensor: ...
 
 
 def ema_weight(momentum: float | None, num_batches_tracked: Tensor | None, ctx: int = context.EAGER) -> float | Tensor:

@@ -124,8 +124,8 @@ def check_checkpoint(state: dict[str, Tensor]) -> list[LayerCheck]:
         rm, rv = state.get(p + "running_mean" + suffix), state.get(p + "running_var" + suffix)
         if rv is None:
             continue
-        tensors = {k: state.get(p + k + suffix, state.get(p + k)) for k in _TENSORS}
-        tensors = {k: t for k, t in tensors.items() if t is not None}
+        found = {k: state.get(p + k + suffix, state.get(p + k)) for k in _TENSORS}
+        tensors = {k: t for k, t in found.items() if t is not None}
         check = LayerCheck(p.rstrip(".") or "<root>", _channels(rm), None, domain=domain)
         nbt, nbt_problem = _count(state.get(p + "num_batches_tracked" + suffix))
         check.num_batches_tracked = nbt

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnctl.checkpoint import CheckpointError, check_checkpoint, load_state_dict
+from bnctl.checkpoint_files import CheckpointError, check_checkpoint, load_state_dict
 from conftest import trained_state
 
 
