@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo test docs test-integrations bench clean
+.PHONY: demo test docs lint test-integrations bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[test,demo,docs]"
+	$(PY) -m pip install -q -e ".[test,demo,docs,lint]"
 	touch $@
 
 demo: $(VENV)/.installed
@@ -18,6 +18,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The checks a maintainer relies on (CI runs them after the tests): lint and the package's types.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check src tests benchmarks examples docs/hooks conftest.py
+	$(PY) -m mypy src/bnctl
 
 # The documentation site (docs/, mkdocs.yml) into site/, offline; --strict: a broken link or reference fails.
 docs: $(VENV)/.installed

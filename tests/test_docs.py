@@ -133,6 +133,17 @@ def test_page_code_runs(page, tmp_path, monkeypatch):
             torch.distributed.destroy_process_group()
 
 
+def test_readme_code_runs_and_its_links_resolve(tmp_path, monkeypatch):
+    readme = DOCS.parent / "README.md"
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    _run_page(readme)
+    text = readme.read_text(encoding="utf-8")
+    links = re.findall(r"\]\(((?:docs|examples|benchmarks)/[^)#]+|[A-Z]+\.md)(?:#[^)]*)?\)", text)
+    assert links and not [link for link in links if not (readme.parent / link).exists()]
+    assert len(text.split()) <= 1200  # a newcomer reads it in five minutes; the rest is in docs/
+
+
 def test_skipped_blocks_are_few_and_say_why():
     skipped = [b for page in PAGES for b in python_blocks(page) if b.skip]
     ran = [b for page in PAGES for b in python_blocks(page) if not b.skip]

@@ -28,7 +28,7 @@ import statistics
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -683,7 +683,11 @@ class CompareResult:
     def _ranked(self) -> list[CompareRow]:
         primary = self.val_names[0]
         candidates = [r for r in self.rows if r.finished and r.metric(primary) is not None]
-        return sorted(candidates, key=lambda r: r.metric(primary), reverse=self.higher_is_better)
+        return sorted(candidates, key=self._primary, reverse=self.higher_is_better)
+
+    def _primary(self, row: CompareRow) -> float:
+        """``row``'s metric on the first validation set, for a row of :meth:`_ranked` (which has one)."""
+        return cast(float, row.metric(self.val_names[0]))
 
     @property
     def best(self) -> str | None:
@@ -716,7 +720,7 @@ class CompareResult:
             value = self._format_metric(best.metric(primary))
             return f"{best.name} is the only setting that finished ({label} {value})."
         second = ranked[1]
-        delta = abs(best.metric(primary) - second.metric(primary))
+        delta = abs(self._primary(best) - self._primary(second))
         n = len(self.seeds)
         if n == 1:
             return (f"{best.name} is best by {self._format_delta(delta)} of {label} over {second.name} (one seed: "
@@ -726,11 +730,12 @@ class CompareResult:
         noise = f"spread {self._format_delta(spread)} over {n} seeds"
         if delta > spread:
             return f"{best.name} is best by {self._format_delta(delta)} of {label} over {second.name} ({noise})."
-        close = [r.name for r in ranked[1:] if abs(best.metric(primary) - r.metric(primary)) <= spread]
+        close = [r.name for r in ranked[1:] if abs(self._primary(best) - self._primary(r)) <= spread]
         return (f"{best.name} and {', '.join(close)} are within noise ({self._format_delta(delta)} of {label} apart, "
                 f"{noise}): choose by time and memory, or run more seeds.")
 
     def _baseline(self, what: str) -> CompareRow | None:
+        """The first row whose ``what`` is not ``None`` (``None``: no such row)."""
         return next((r for r in self.rows if getattr(r, what) is not None), None)
 
     def _ratio(self, row: CompareRow, what: str) -> float | None:
@@ -837,10 +842,10 @@ class CompareResult:
                  + ("" if len(self.seeds) == 1 else ", mean ± std over seeds")]
         if base_t is not None:
             notes.append(f"  time/step: median wall time of a training step, relative to {base_t.name} "
-                         f"({base_t.seconds_per_step * 1e3:.1f} ms)")
+                         f"({cast(float, base_t.seconds_per_step) * 1e3:.1f} ms)")  # set: see _baseline
         if base_m is not None:
             notes.append(f"  saved: activation memory autograd keeps for backward in one step, relative to "
-                         f"{base_m.name} ({base_m.saved_bytes / 1e6:.2f} MB)")
+                         f"{base_m.name} ({cast(int, base_m.saved_bytes) / 1e6:.2f} MB)")  # set: see _baseline
         notes.append("  stats drift: largest move of a BatchNorm layer's running statistics from the start (the mean "
                      "in running stds, or the variance relative to itself)")
         notes.append("  affine drift: largest relative change of a BatchNorm layer's weight and bias (0 = unchanged)")
@@ -1202,8 +1207,8 @@ def compare(
                 result.rows.append(row)
                 if bar is not None:
                     bar.set_description(f"bnctl compare: {setting.name}")
-                for s in run_seeds:
-                    run = _Run(s)
+                for run_seed in run_seeds:
+                    run = _Run(run_seed)
                     row.runs.append(run)
                     _run_setting(run, model, setting, train_data, val_sets, steps=steps, loss=loss,
                                  metric=metric_fn, optimizer=optimizer, forward=forward, cycle=cycle, tick=tick)

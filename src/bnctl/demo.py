@@ -38,11 +38,12 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .apply import apply, batchnorm_layers
 from .compare import Setting, batchnorm_drift, batchnorm_tensors, compare, fine_tune
@@ -55,6 +56,7 @@ from .scopes import no_update
 __all__ = ["load_digits", "measure_setting", "run", "SHIFTS"]
 
 PartASetting = Union[str, Policy, Callable[[nn.Module, nn.Module], None]]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def _batches(x: Tensor, y: Tensor, size: int, gen: torch.Generator) -> Iterable[
         yield x[idx], y[idx]
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int, lr: float = 3e-3) -> nn.Module:
+def train(model: ModuleT, x: Tensor, y: Tensor, epochs: int, seed: int, lr: float = 3e-3) -> ModuleT:
     """Plain supervised training (Adam, batches of 64)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -136,7 +138,7 @@ def forum_eval(model: nn.Module, bn: nn.Module) -> None:
 def forum_momentum0(model: nn.Module, bn: nn.Module) -> None:
     """The forum's setting 2: ``bn.train()``, ``momentum=0``, weight/bias ``requires_grad=False``."""
     bn.train()
-    bn.momentum = 0.0
+    cast(_BatchNorm, bn).momentum = 0.0  # nn.Module does not type momentum; torch's BatchNorm base does
     bn.weight.requires_grad = False
     bn.bias.requires_grad = False
 
@@ -151,8 +153,12 @@ def _normalizes_with(model: nn.Module, bn: nn.Module, x: Tensor) -> str:
     finally:
         hook.remove()
     h, out = seen["x"], seen["y"]
-    running = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-    batch = F.batch_norm(h, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    # a BatchNorm layer's tensors and eps (nn.Module types attributes only as Tensor | Module)
+    mean, var, weight, bias = (cast(Optional[Tensor], getattr(bn, k))
+                               for k in ("running_mean", "running_var", "weight", "bias"))
+    eps = cast(float, bn.eps)
+    running = F.batch_norm(h, mean, var, weight, bias, False, 0.0, eps)
+    batch = F.batch_norm(h, None, None, weight, bias, True, 0.0, eps)
     if torch.allclose(out, running, atol=1e-5):
         return "running"
     return "batch" if torch.allclose(out, batch, atol=1e-5) else "other"
@@ -343,7 +349,9 @@ def part_b_seed(x: Tensor, y: Tensor, seed: int, cfg: Config,
         failed = [f"{row.name}: {row.status}" for row in result.rows if not row.finished]
         if failed:
             raise RuntimeError(f"bnctl demo: target {target!r}, seed {seed}: {failed}")
-        results[target] = {row.name: {"target": row.metric("target"), "source": row.metric("source")}
+        # every row finished (checked above) on non-empty target and source sets: both metrics are set
+        results[target] = {row.name: {"target": cast(float, row.metric("target")),
+                                      "source": cast(float, row.metric("source"))}
                            for row in result.rows}
         tick()
     return results

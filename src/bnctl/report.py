@@ -411,7 +411,7 @@ def _checkpoint_advice(problem: str) -> str:
 
 def checkpoint_report(state: dict[str, Tensor]) -> Report:
     """:func:`report` for a state dict without its model: per BatchNorm layer and bnctl domain found by its keys
-    (:func:`bnctl.checkpoint.check_checkpoint`), the batches tracked, and each problem with what to do.
+    (:func:`bnctl.checkpoint_files.check_checkpoint`), the batches tracked, and each problem with what to do.
 
     A checkpoint holds no policy, momentum or eps: those columns stay empty (``None``/``"-"``). For a
     model's policies, traps and statistics shift, load it and call :func:`report`.

@@ -80,7 +80,7 @@ class Schedule:
         if unit not in UNITS:
             raise ValueError(f"Schedule: expected unit to be one of {list(UNITS)}, got {unit!r}.")
         self.keys = sorted(policies)
-        self.policies: list[Policy | None] = [None if policies[k] is None else get_policy(policies[k])
+        self.policies: list[Policy | None] = [None if (p := policies[k]) is None else get_policy(p)
                                               for k in self.keys]
         self.unit = unit
         self.include, self.exclude = include, exclude

@@ -459,7 +459,8 @@ class LayerState:
             ValueError: ``eps <= 0`` where batch statistics normalize, or one value per channel where
                 they are needed and the policy has no fallback (both naming the layer).
         """
-        program = self._programs.get(domain)
+        programs = self._programs
+        program = programs[domain] if domain in programs else None  # (no call: this runs every forward)
         if (program is None or program.ctx != ctx or program.momentum != layer.momentum
                 or program.track_running_stats is not layer.track_running_stats
                 or program.has_running_stats is (layer._buffers["running_mean"] is None)

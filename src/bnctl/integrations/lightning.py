@@ -18,7 +18,7 @@ whichever is installed (``lightning`` first), imported when
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from ..apply import Selector
 from ..policy import Policy
@@ -98,8 +98,9 @@ class _BatchNormPolicy:
                                  "to the Schedule, or give the schedule as a mapping.")
             self.schedule = schedule
         else:
-            self.schedule = Schedule(schedule if schedule is not None else {0: policy}, include=include,
-                                     exclude=exclude, unit=unit)
+            # schedule is None here only with a policy that is not a Schedule or mapping (moved above): a PolicyLike
+            self.schedule = Schedule(schedule if schedule is not None else {0: cast(PolicyLike, policy)},
+                                     include=include, exclude=exclude, unit=unit)
 
     def _value(self, trainer: Any) -> int:
         return trainer.current_epoch if self.schedule.unit == "epoch" else trainer.global_step

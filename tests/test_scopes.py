@@ -1,4 +1,4 @@
-"""Controlled updates: snapshot/restore, accumulate, checkpoint_context."""
+"""Scopes and snapshots: snapshot/restore, accumulate, checkpoint_context (bnctl.scopes, bnctl.snapshots)."""
 
 import copy
 import warnings
