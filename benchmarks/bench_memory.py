@@ -23,6 +23,7 @@ from bench_model import FrozenBatchNorm2d  # (run as a script: benchmarks/ is on
 from torch import nn
 
 import bnctl
+from bnctl.compare import count_saved
 
 try:
     import torchvision
@@ -134,18 +135,10 @@ def setups(depth: int) -> dict[str, tuple[nn.Module, bool]]:
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """Bytes of the distinct storages autograd saves in one forward: all of them, and those that are not the
-    model's own parameters or buffers."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    model's own parameters or buffers (:func:`bnctl.compare.count_saved`, what ``bnctl.compare`` reports)."""
+    with count_saved(model) as saved:
         model(x)
-    return sum(storages.values()), sum(n for ptr, n in storages.items() if ptr not in own)
+    return saved.total, saved.activations
 
 
 def peak_bytes(model: nn.Module, x: torch.Tensor) -> int:
