@@ -12,7 +12,7 @@ import difflib
 import fnmatch
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Union
+from typing import Any, Callable, Union, cast
 
 import torch.distributed as dist
 from torch import nn
@@ -348,8 +348,8 @@ def apply_to(
     try:
         for name, layer in layers:
             if is_frozen_batchnorm(layer):
-                assert model is not None  # (checked above: swap_in raised otherwise)
-                handle._swaps.append(swap_in(model, name, layer))
+                # (a model: checked above, swap_in raised otherwise)
+                handle._swaps.append(swap_in(cast(nn.Module, model), name, layer))
                 layer = handle._swaps[-1].stand_in
             handle._push(name, layer, policy, process_group)
     except BaseException:

@@ -228,9 +228,9 @@ class Routing:
                 )
             routing = cls(labels.detach().long(), None, _layers_with_domains(model), labels_device=True)
             low, high = (min(routing.present), max(routing.present)) if routing.present else (0, 0)
-            for lname, layer in batchnorm_layers(model):
+            for lname, layer in routing.layers:
                 known = domains(layer)
-                if len(known) > 1 and not (0 <= low and high < len(known)):
+                if not (0 <= low and high < len(known)):
                     raise ValueError(
                         f"{display_name(lname, layer)}: expected domain indices in [0, {len(known)}) (its domains "
                         f"are {known}), got {low if low < 0 else high}. Index bnctl.domains(layer), or give names."
@@ -249,12 +249,22 @@ class Routing:
         return cls(torch.tensor([code[v] for v in labels], dtype=torch.long), names, _layers_with_domains(model),
                    labels_device=False)
 
+    def _read(self, layer: nn.Module) -> tuple[str, ...]:
+        """``layer``'s domain of each code: a named domain it lacks is its default one (as a single-domain
+        block reads it); indices are its own domains."""
+        read = self._by_layer.get(id(layer))
+        if read is None:
+            known = domains(layer)
+            read = tuple((n if n in known else DEFAULT) for n in self.names) if self.names is not None \
+                else tuple(known)
+            self._by_layer[id(layer)] = read
+        return read
+
     def describe(self, layer: nn.Module) -> str:
         """``"mixed(a, b)"``: the domains of ``layer`` the labels route samples to."""
-        known = domains(layer)
-        read = [(n if n in known else DEFAULT) for n in self.names] if self.names is not None else known
+        read = self._read(layer)
         routed = {read[c] for c in self.present if c < len(read)}
-        return f"mixed({', '.join(d for d in known if d in routed)})"
+        return f"mixed({', '.join(d for d in domains(layer) if d in routed)})"
 
     def split(self, layer: nn.Module, name: str, x: Tensor) -> _Split:
         """``x``'s samples grouped by ``layer``'s domain of each (raising, naming the layer, where the labels
@@ -269,12 +279,7 @@ class Routing:
                 f"{name}: expected the domain labels on the batch's device ({x.device}), got them on "
                 f"{self.codes.device}. Pass labels.to(x.device) to bnctl.domain."
             )
-        read = self._by_layer.get(id(layer))
-        if read is None:
-            known = domains(layer)
-            read = tuple((n if n in known else DEFAULT) for n in self.names) if self.names is not None \
-                else tuple(known)
-            self._by_layer[id(layer)] = read
+        read = self._read(layer)
         key = (read, x.device)
         split = self._splits.get(key)
         if split is None:

@@ -140,8 +140,7 @@ def swap_out(swap: Swap) -> None:
     ``model.double()``, ``.half()`` or ``.to(device)`` made while the stand-in sat in the model
     reaches the layer it stood in for, as it would have without bnctl.
     """
-    current = swap.stand_in.running_mean
-    assert current is not None  # (a stand-in tracks running statistics)
+    current = cast(Tensor, swap.stand_in.running_mean)  # (a stand-in tracks running statistics)
     buffers = cast("dict[str, Tensor]", swap.original._buffers)  # (tensors: is_frozen_batchnorm)
     original = buffers["running_mean"]
     if original.device != current.device:

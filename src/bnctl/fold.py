@@ -186,8 +186,7 @@ def _path(scope: nn.Module, name: str) -> tuple[tuple[nn.Module, str, nn.Module]
     links: list[tuple[nn.Module, str, nn.Module]] = []
     parent = scope
     for part in name.split(".") if name else ():
-        child = parent._modules[part]
-        assert child is not None  # (a name of named_modules())
+        child = cast(nn.Module, parent._modules[part])  # (a name of named_modules(): not None)
         links.append((parent, part, child))
         parent = child
     return tuple(links)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import context
 from .autograd import normalize_constant_affine, normalize_with_stats
-from .distributed import stats_dtype, sync_normalize
+from .distributed import merge_rows, stats_dtype, sync_normalize
 from .guard import Status, keep_if_finite_, write_running_, write_staged_
 from .policy import (
     BATCH,
@@ -63,7 +63,7 @@ def normalize(
     *,
     alpha: float = 1.0,
     limits: Limits | None = None,
-    ghost: int = 0,
+    ghost: int | None = None,
     into: tuple[Tensor, Tensor] | None = None,
     momentum: float = 0.0,
     before: Tensor | None = None,
@@ -122,7 +122,7 @@ def normalize(
                       stats)  # type: ignore[arg-type]
         return out, stats
     if how == GHOST:
-        return _ghost(x, ghost, running_mean, weight, bias, eps, observe, ctx)
+        return _ghost(x, ghost, running_mean, weight, bias, eps, observe, ctx)  # type: ignore[arg-type]  # (GHOST: a size)
     if how == BATCH:
         if into is not None:
             return _kernel(x, into[0], into[1], weight, bias, True, momentum, eps, ctx), None
@@ -246,16 +246,12 @@ def _ghost(x: Tensor, size: int, running_mean: Tensor | None, weight: Tensor | N
         out = torch.cat([_kernel(p, means[i], variances[i], weight, bias, True, 1.0, eps, ctx)
                          for i, p in enumerate(parts)])
     n, samples = values_per_channel(x), x.shape[0]
-    share = means.new_full((len(parts), 1), size / samples)  # each slice's share of the batch's values
-    last = samples - size * (len(parts) - 1)
-    share[-1] = last / samples
-    if not ctx & context.EXPORTING:  # unbiased -> biased, per slice
-        per_sample = n // samples if samples else 0
-        bessel = share.new_full((len(parts), 1), (size * per_sample - 1) / (size * per_sample))
-        bessel[-1] = (last * per_sample - 1) / (last * per_sample)
-        variances = variances * bessel
-    mean = (share * means).sum(0)
-    var = (share * (variances + (means - mean).square())).sum(0)
+    per_sample = n // samples if samples else 0
+    counts = means.new_full((len(parts), 1), float(size * per_sample))  # values per channel of each slice
+    counts[-1] = (samples - size * (len(parts) - 1)) * per_sample
+    m2s = variances * (counts if ctx & context.EXPORTING else counts - 1)  # (the kernel's are unbiased)
+    _, mean, m2 = merge_rows(counts, means, m2s)
+    var = m2 / n
     return out, BatchStats(mean, var, n)
 
 
@@ -414,11 +410,11 @@ def batch_norm(
     alpha = float(step.normalize) if how == BLEND else 1.0
     args = (x, how, running_mean, running_var, weight, bias, eps)
     if update == NO_UPDATE:
-        return normalize(*args, alpha=alpha, limits=limits, ghost=step.ghost or 0, ctx=ctx)[0]
+        return normalize(*args, alpha=alpha, limits=limits, ghost=step.ghost, ctx=ctx)[0]
     if update == EMA and stages(how, step.momentum, ctx):
         return update_in_kernel(args, limits, ema_weight(step.momentum, num_batches_tracked), num_batches_tracked,
                                 ctx)[0]
-    out, stats = normalize(*args, alpha=alpha, limits=limits, ghost=step.ghost or 0, observe=True, ctx=ctx)
+    out, stats = normalize(*args, alpha=alpha, limits=limits, ghost=step.ghost, observe=True, ctx=ctx)
     # an update has running statistics (checked above) and observe=True gives stats
     write_running_(running_mean, running_var, num_batches_tracked, stats, step.momentum,  # type: ignore[arg-type]
                    accumulator if update == CUMULATIVE else None, ctx=ctx)

@@ -525,11 +525,10 @@ class LayerState:
         args = (x, forward.normalize, running_mean, running_var, weight, bias, layer.eps)
         if forward.group is not None:
             return self._synced(layer, forward, args, limits, ctx)
-        ghost = forward.step.ghost or 0
         if forward.update == NO_UPDATE:
             if forward.counts_empty and not forward.replayed and (counted := buffers[count_key]) is not None:
                 counted.add_(1)
-            return normalize(*args, alpha=forward.alpha, limits=limits, ghost=ghost, ctx=ctx)[0]
+            return normalize(*args, alpha=forward.alpha, limits=limits, ghost=forward.step.ghost, ctx=ctx)[0]
         count = buffers[count_key]
         if forward.staged:
             momentum = forward.step.momentum
@@ -543,7 +542,8 @@ class LayerState:
             self.count(ok, ctx, counted=counter is not None, running=(running_mean, running_var),
                        n=values_per_channel(x) if ok is False else None)
             return out
-        out, stats = normalize(*args, alpha=forward.alpha, limits=limits, ghost=ghost, observe=True, ctx=ctx)
+        out, stats = normalize(*args, alpha=forward.alpha, limits=limits, ghost=forward.step.ghost, observe=True,
+                               ctx=ctx)
         if not forward.replayed:
             self.commit(layer, forward, stats, ctx)  # type: ignore[arg-type]
         return out
@@ -558,10 +558,11 @@ class LayerState:
             return self.forward(layer, x, self.decide(layer, x, ctx, split.domains[0]))
         inputs = split.inputs(x)
         forwards = [self.decide(layer, part, ctx, name) for part, name in zip(inputs, split.domains)]
-        if any(f.group is not None or f.taped for f in forwards):
+        synced = any(f.group is not None for f in forwards)
+        if synced or any(f.taped for f in forwards):
             raise RuntimeError(
                 f"{self.name}: a mixed-domain batch (bnctl.domain with one label per sample) cannot be "
-                f"{'synchronized over ranks' if forwards[0].group is not None else 'activation-checkpointed'} "
+                f"{'synchronized over ranks' if synced else 'activation-checkpointed'} "
                 "yet. Run one forward per domain (with bnctl.domain(model, name):), or use a policy with "
                 "sync=False / no bnctl.checkpoint_context for this model."
             )
